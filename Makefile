@@ -1,0 +1,26 @@
+# The two commands a newcomer needs: `make demo` (the main job) and `make test` (the tests).
+# Each one creates or refreshes .venv itself.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: venv demo test bench clean
+
+venv:
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+
+demo: venv
+	$(PY) examples/convert_models.py
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) -m benchmarks.layers
+	$(PY) -m benchmarks.convert
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
