@@ -1,0 +1,183 @@
+"""The composite reconstruction loss of SwinMR (the paper's eq. 3).
+
+    L = α · Charbonnier(image) + β · Charbonnier(k-space) + γ · VGG19 perceptual
+
+with SwinMR's defaults α = 15, β = 0.1, γ = 0.0025, Charbonnier ε = 1e-9 (ayanglab/SwinMR,
+``options/SwinMR/train_swinmr_*.json`` and ``models/loss.py``). Inputs are channel-first complex images
+(B, 2, H, W) in the network's normalized units.
+
+- Image term: Charbonnier on the 2-channel complex image.
+- Frequency term: Charbonnier on the real and imaginary parts of the image's centered orthonormal 2D FFT
+  (``fastmri.fft2c`` via :func:`kronify.mri.complex.fft2c`), the same k-space convention as the data.
+  (SwinMR uses an uncentered, unnormalized ``torch.fft.fftn``; we keep the data's convention so β acts on
+  the k-space the pipeline measures.)
+  SwinMR averages the real and imaginary Charbonnier means; with equal sizes that is the joint mean used here.
+- Perceptual term, as SwinMR's ``PerceptualLoss``: L1 between VGG19 features taken before the ReLU at
+  conv1_2, conv2_2, conv3_4, conv4_4, conv5_4 (``features`` indices 2, 7, 16, 25, 34), weights
+  0.1, 0.1, 1, 1, 1, on ImageNet mean/std-normalized input. SwinMR feeds its one-channel magnitude image in
+  [0, 1]; the normalization broadcasts it to 3 channels. We feed the magnitude |x| divided by the per-sample max
+  of the target magnitude (so the range is [0, ~1] whatever the data scale), replicated to 3 channels.
+
+Charbonnier here is ``mean(sqrt(d² + ε)) − sqrt(ε)``: the constant shift makes identical inputs give exactly 0
+and leaves the gradients identical to SwinMR's.
+
+The VGG19 is frozen, in eval mode, and deliberately *not* a registered submodule: it is absent from
+``state_dict()``/``parameters()`` of any module holding the loss (so it stays out of checkpoints and
+optimizers) and is moved to the input's device on first use.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kronify.mri.complex import fft2c, to_complex
+from kronify.mri.weights import VGG19, load_backbone_state_dict
+
+__all__ = ["CompositeLoss", "VGGPerceptualLoss", "build_vgg19_features", "charbonnier"]
+
+VGG_LAYERS = (2, 7, 16, 25, 34)  # conv1_2, conv2_2, conv3_4, conv4_4, conv5_4 (before their ReLU)
+VGG_LAYER_WEIGHTS = (0.1, 0.1, 1.0, 1.0, 1.0)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def charbonnier(x: Tensor, y: Tensor, eps: float = 1e-9) -> Tensor:
+    """mean(sqrt((x − y)² + eps)) − sqrt(eps): SwinMR's Charbonnier, shifted to be 0 at x == y."""
+    diff = x - y
+    floor = torch.sqrt(torch.full((), eps, dtype=diff.dtype, device=diff.device))
+    return (torch.sqrt(diff * diff + eps) - floor).mean()
+
+
+def build_vgg19_features(weights_path: str | os.PathLike | None = None) -> nn.Sequential:
+    """torchvision's VGG19 ``features`` with ImageNet weights from disk (MissingWeightsError when absent)."""
+    from torchvision.models.vgg import cfgs, make_layers  # noqa: PLC0415  (models extra)
+
+    state = load_backbone_state_dict(VGG19, weights_path)
+    features = make_layers(cfgs["E"], batch_norm=False)
+    prefix = "features."
+    features.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    return features
+
+
+class VGGPerceptualLoss(nn.Module):
+    """Weighted L1 between VGG19 pre-ReLU features of two (B, 3, H, W) images already in [0, 1].
+
+    ``features``: a VGG19 ``features`` Sequential (e.g. torchvision's, or a randomly initialised one for tests);
+    when None, the ImageNet weights are loaded from disk (see :mod:`kronify.mri.weights`). Only the layers up to
+    conv5_4 are kept; they are frozen, set to eval mode, and their ReLUs made out-of-place.
+    """
+
+    def __init__(
+        self,
+        features: nn.Sequential | None = None,
+        *,
+        weights_path: str | os.PathLike | None = None,
+        layer_weights: tuple[float, ...] = VGG_LAYER_WEIGHTS,
+    ) -> None:
+        super().__init__()
+        if features is None:
+            features = build_vgg19_features(weights_path)
+        last = VGG_LAYERS[-1]
+        if len(features) <= last or not all(isinstance(features[i], nn.Conv2d) for i in VGG_LAYERS):
+            raise ValueError(f"features must be a VGG19 `features` Sequential with Conv2d at indices {VGG_LAYERS}")
+        if len(layer_weights) != len(VGG_LAYERS):
+            raise ValueError(f"layer_weights needs {len(VGG_LAYERS)} entries, got {len(layer_weights)}")
+        features = nn.Sequential(*list(features)[: last + 1])
+        for m in features:
+            if isinstance(m, nn.ReLU):
+                m.inplace = False  # the captured pre-ReLU maps must not be overwritten
+        self.features = features.eval().requires_grad_(False)
+        self.layer_weights = tuple(float(w) for w in layer_weights)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> VGGPerceptualLoss:
+        """The backbone always stays in eval mode."""
+        super().train(mode)
+        self.features.eval()
+        return self
+
+    def _feats(self, x: Tensor) -> list[Tensor]:
+        x = (x - self.mean) / self.std
+        feats = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in VGG_LAYERS:
+                feats.append(x)
+        return feats
+
+    def forward(self, x: Tensor, target: Tensor) -> Tensor:
+        fx = self._feats(x)
+        with torch.no_grad():
+            ft = self._feats(target)
+        return sum(w * F.l1_loss(a, b) for w, a, b in zip(self.layer_weights, fx, ft))
+
+
+class CompositeLoss(nn.Module):
+    """α·Charbonnier(image) + β·Charbonnier(k-space) + γ·VGG19 perceptual, for (B, 2, H, W) complex images.
+
+    ``forward(output, target) -> (total, terms)`` where ``terms`` holds the unweighted, detached
+    ``image``, ``freq`` and ``perceptual`` values (for logging); ``perceptual`` is 0 when γ = 0.
+
+    γ > 0 needs VGG19 ImageNet weights: pass ``vgg_features`` (a VGG19 ``features`` Sequential), or
+    ``vgg_weights_path``, or place torchvision's ``vgg19-dcbb9e9d.pth`` where :mod:`kronify.mri.weights` looks.
+    Without them construction raises :class:`kronify.mri.weights.MissingWeightsError`.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 15.0,
+        beta: float = 0.1,
+        gamma: float = 0.0025,
+        eps: float = 1e-9,
+        *,
+        vgg_features: nn.Sequential | None = None,
+        vgg_weights_path: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.alpha, self.beta, self.gamma, self.eps = float(alpha), float(beta), float(gamma), float(eps)
+        perceptual = None
+        if self.gamma > 0:
+            try:
+                perceptual = VGGPerceptualLoss(vgg_features, weights_path=vgg_weights_path)
+            except FileNotFoundError as exc:
+                raise type(exc)(f"CompositeLoss(gamma={gamma}) needs VGG19 weights. {exc} "
+                                f"Or set gamma=0 to train without the perceptual term.") from exc
+        # Not registered as a submodule: keeps the frozen VGG out of state_dict(), parameters() and checkpoints.
+        object.__setattr__(self, "perceptual", perceptual)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, eps={self.eps}"
+
+    def _perceptual(self, output: Tensor, target: Tensor) -> Tensor:
+        vgg = self.perceptual
+        target = target.to(output.dtype)
+        if vgg.mean.device != output.device or vgg.mean.dtype != output.dtype:
+            vgg.to(device=output.device, dtype=output.dtype)
+        out_mag = to_complex(output).abs().unsqueeze(1)  # complex abs: gradient 0 (not NaN) at 0
+        tgt_mag = to_complex(target).abs().unsqueeze(1)
+        peak = tgt_mag.detach().amax(dim=(1, 2, 3), keepdim=True).clamp_min(torch.finfo(tgt_mag.dtype).tiny)
+        return vgg((out_mag / peak).expand(-1, 3, -1, -1), (tgt_mag / peak).expand(-1, 3, -1, -1))
+
+    def forward(self, output: Tensor, target: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        if output.shape != target.shape or output.dim() != 4 or output.shape[1] != 2:
+            raise ValueError(f"expected output and target shaped (B, 2, H, W), got {tuple(output.shape)} "
+                             f"and {tuple(target.shape)}")
+        image = charbonnier(output, target, self.eps)
+        freq = charbonnier(fft2c(output), fft2c(target), self.eps)
+        total = self.alpha * image + self.beta * freq
+        if self.perceptual is not None:
+            perc = self._perceptual(output, target)
+            total = total + self.gamma * perc
+        else:
+            perc = output.new_zeros(())
+        return total, {"image": image.detach(), "freq": freq.detach(), "perceptual": perc.detach()}
