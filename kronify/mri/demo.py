@@ -1,0 +1,412 @@
+"""Embedded demo dataset in fastMRI single-coil format, built from a real MRI volume (no download).
+
+``python -m kronify.mri.demo --out DIR [--nifti PATH] [--cases N] [--seed S] [--crop C] [--matrix H W] [--slices K]``
+or :func:`build_demo_dataset` writes ``DIR/singlecoil_train/*.h5`` and ``DIR/singlecoil_val/*.h5`` that
+``fastmri.data.SliceDataset(challenge="singlecoil")`` and :mod:`kronify.mri.data` read exactly like the real
+fastMRI knee files: ``kspace`` complex64 (slices, H, W) with readout oversampling x2 (H = 2 x crop, like
+fastMRI's 640 -> 320) and W slightly wider than the crop (like 368 -> 320), ``reconstruction_esc`` float32
+(slices, crop, crop) = |centre crop of fastmri.ifft2c(kspace)|, an ISMRMRD XML ``ismrmrd_header``
+(encoded/recon matrix size and field of view, encoding limits) and attrs ``acquisition``, ``max`` (max of
+``reconstruction_esc``), ``norm`` (its Euclidean norm) and ``patient_id`` (the same attributes as the real
+files; the demo notice is in the header's protocolName, in ``DIR/README.txt`` and in the manifest).
+
+THIS IS BRAIN ANATOMY (the MNI152 T1 template shipped in the nilearn package, or the ``--nifti`` volume),
+NOT KNEE, AND NOT FOR PUBLICATION NUMBERS. It exists so the whole pipeline can run without fastMRI.
+
+How a case is made (all random draws come from ``--seed``):
+
+- Geometry: every case is its own slab of ``slices`` consecutive source slices, axial, coronal or sagittal
+  (sagittal only in one hemisphere, because the MNI template is left-right symmetric). Slabs of one
+  orientation never overlap and keep a gap of ``GAP`` slices; slabs of different orientations are
+  orthogonal. So no two cases share a slice, whatever split seed the loader uses later: a test case
+  never shares a slice with a training case. The slab stays axis-aligned; each case gets its own in-plane
+  rotation (+-10 deg), zoom (0.9-1.1) and shift, resampled with cubic splines onto the demo grid.
+- Intensity: contrast gamma (0.8-1.25) and a smooth multiplicative bias field (+-~20%).
+- Phase: a smooth random phase per case: a low-order polynomial background plus B0-like Gaussian blobs.
+- Noise: complex Gaussian noise added in k-space (fastmri.fft2c convention, orthonormal), image SNR 20-40.
+- About one case in six is labelled ``CORPDFS_FBK`` (with a darker contrast and lower SNR) so the
+  loader's acquisition filter has something to remove.
+
+Same parameters and seed give byte-identical files (no HDF5 timestamps, fixed write order). A manifest
+``kronify_demo.json`` records the parameters and file hashes; a second build with the same parameters
+reuses the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["NOTICE", "DemoBuild", "build_demo_dataset", "default_source", "demo_matrix", "main"]
+
+NOTICE = (
+    "kronify demo data: brain anatomy from the MNI152 T1 template shipped in nilearn (or the given NIfTI), "
+    "NOT knee and NOT fastMRI; synthetic phase and noise. For trying the pipeline only, not for publication numbers."
+)
+MANIFEST = "kronify_demo.json"  # same name as kronify.mri.data.DEMO_MANIFEST
+FOLDERS = ("singlecoil_train", "singlecoil_val")
+GAP = 3  # source slices left between two slabs of the same orientation
+_MNI_FILE = "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+_VERSION = 1
+
+
+@dataclass
+class DemoBuild:
+    """Result of :func:`build_demo_dataset`."""
+
+    root: Path
+    files: list[Path]
+    reused: bool
+    seconds: float
+    bytes: int
+    manifest: dict[str, Any]
+
+
+def default_source() -> Path:
+    """The MNI152 T1 template inside the installed nilearn package (found without importing nilearn)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("nilearn is not installed; install kronify[mri] or pass --nifti PATH")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / _MNI_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"the MNI152 template {path} is missing from nilearn; pass --nifti PATH")
+    return path
+
+
+def demo_matrix(crop: int) -> tuple[int, int]:
+    """k-space matrix for a crop: readout x2 oversampled, phase encoding 368/320 of the crop (fastMRI's ratio)."""
+    width = int(math.ceil(crop * 368 / 320))
+    return 2 * crop, width + (width % 2)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (POSIX flock; no locking where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_source(path: Path, pixel_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Volume in RAS orientation, spline-prefiltered for cubic resampling; its voxel size, anatomy centre and
+    anatomy mask (cached per file version and pixel size: filtering takes about a second)."""
+    stat = path.stat()
+    return _load_source_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size, pixel_mm)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_source_cached(path: str, _mtime_ns: int, _size: int, pixel_mm: float) -> tuple[np.ndarray, ...]:
+    import nibabel as nib
+    from scipy import ndimage
+
+    try:
+        img = nib.as_closest_canonical(nib.load(path))
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
+        raise ValueError(f"cannot read {path} as a NIfTI volume: {err}") from err
+    vol = np.asarray(img.dataobj, dtype=np.float64)
+    if vol.ndim == 4 and vol.shape[3] == 1:
+        vol = vol[..., 0]
+    if vol.ndim != 3 or min(vol.shape) < 8 or not np.isfinite(vol).all() or vol.max() <= 0:
+        raise ValueError(f"{path} is not a usable 3D MRI volume (shape {vol.shape})")
+    vol = np.clip(vol, 0, None) / vol.max()
+    voxel = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    sigma = np.clip(0.42 * (pixel_mm / voxel - 1.0), 0.0, None)  # anti-alias before downsampling
+    if sigma.max() > 0:
+        vol = ndimage.gaussian_filter(vol, sigma)
+    centre = np.array([np.average(np.arange(n), weights=vol.sum(axis=tuple(a for a in range(3) if a != i)))
+                       for i, n in enumerate(vol.shape)])
+    body = vol > 0.1 * vol.max()
+    vol = ndimage.spline_filter(vol, order=3)
+    for array in (vol, voxel, centre, body):
+        array.setflags(write=False)
+    return vol, voxel, centre, body
+
+
+def _slots(body: np.ndarray, slices: int, centre: np.ndarray) -> list[tuple[str, int, int]]:
+    """Disjoint slabs (orientation, axis, first slice) where the anatomy covers >= 20% of its largest area."""
+    out = []
+    for orientation, axis in (("axial", 2), ("coronal", 1), ("sagittal", 0)):
+        area = body.sum(axis=tuple(a for a in range(3) if a != axis))
+        usable = np.nonzero(area >= 0.2 * area.max())[0]
+        lo, hi = int(usable[0]), int(usable[-1]) + 1
+        if orientation == "sagittal":  # one hemisphere only: a symmetric template mirrors the other
+            hi = min(hi, int(centre[axis]) - 1)
+        count = max(0, (hi - lo + GAP) // (slices + GAP))
+        first = lo + ((hi - lo) - (count * (slices + GAP) - GAP)) // 2
+        out += [(orientation, axis, first + k * (slices + GAP)) for k in range(count)]
+    return out
+
+
+def _header_xml(matrix: tuple[int, int], crop: int, fov_mm: float, slice_mm: float, num_slices: int) -> bytes:
+    """ISMRMRD header with the fields fastMRI parses (encoded/recon matrix, field of view, encoding limits)."""
+    height, width = matrix
+    return f"""<?xml version="1.0" encoding="utf-8"?>
+<ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
+  <measurementInformation><protocolName>kronify demo: MNI152 brain, NOT knee, not for publication numbers</protocolName></measurementInformation>
+  <acquisitionSystemInformation><systemVendor>kronify synthetic</systemVendor><receiverChannels>1</receiverChannels></acquisitionSystemInformation>
+  <experimentalConditions><H1resonanceFrequency_Hz>127730000</H1resonanceFrequency_Hz></experimentalConditions>
+  <encoding>
+    <encodedSpace>
+      <matrixSize><x>{height}</x><y>{width}</y><z>1</z></matrixSize>
+      <fieldOfView_mm><x>{fov_mm * height / crop:.4f}</x><y>{fov_mm * width / crop:.4f}</y><z>{slice_mm:.4f}</z></fieldOfView_mm>
+    </encodedSpace>
+    <reconSpace>
+      <matrixSize><x>{crop}</x><y>{crop}</y><z>1</z></matrixSize>
+      <fieldOfView_mm><x>{fov_mm:.4f}</x><y>{fov_mm:.4f}</y><z>{slice_mm:.4f}</z></fieldOfView_mm>
+    </reconSpace>
+    <encodingLimits>
+      <kspace_encoding_step_1><minimum>0</minimum><maximum>{width - 1}</maximum><center>{width // 2}</center></kspace_encoding_step_1>
+      <kspace_encoding_step_2><minimum>0</minimum><maximum>0</maximum><center>0</center></kspace_encoding_step_2>
+      <slice><minimum>0</minimum><maximum>{num_slices - 1}</maximum><center>{num_slices // 2}</center></slice>
+    </encodingLimits>
+    <trajectory>cartesian</trajectory>
+  </encoding>
+</ismrmrdHeader>
+""".encode()
+
+
+def _case_image(
+    vol: np.ndarray, voxel: np.ndarray, centre: np.ndarray, slot: tuple[str, int, int],
+    slices: int, matrix: tuple[int, int], pixel_mm: float, rng: np.random.Generator, fat_suppressed: bool,
+) -> np.ndarray:
+    """Complex image (slices, H, W) of one case: resampled magnitude x bias field x exp(i phase)."""
+    from scipy import ndimage
+
+    _, axis, first = slot
+    height, width = matrix
+    row_axis, col_axis = {2: (1, 0), 1: (2, 0), 0: (2, 1)}[axis]  # rows: A->P or S->I, columns: L->R or P->A
+    theta = np.deg2rad(rng.uniform(-10, 10))
+    zoom = rng.uniform(0.9, 1.1)
+    shift = rng.normal(0.0, 4.0, size=2)  # mm
+    rows = (np.arange(height) - height // 2) * pixel_mm
+    cols = (np.arange(width) - width // 2) * pixel_mm
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")
+    u = (np.cos(theta) * rr - np.sin(theta) * cc) / zoom + shift[0]
+    v = (np.sin(theta) * rr + np.cos(theta) * cc) / zoom + shift[1]
+    coords = np.empty((3, slices, height, width))
+    coords[axis] = (first + np.arange(slices))[:, None, None]
+    coords[row_axis] = centre[row_axis] - u / voxel[row_axis]
+    coords[col_axis] = centre[col_axis] + v / voxel[col_axis]
+    mag = ndimage.map_coordinates(vol, coords, order=3, mode="constant", cval=0.0, prefilter=False)
+    mag = np.clip(mag, 0.0, None) ** (rng.uniform(1.3, 1.6) if fat_suppressed else rng.uniform(0.8, 1.25))
+
+    # normalised in-plane coordinates: +-1 across the phase-encoding field of view
+    fov = pixel_mm * min(height, width) / 2
+    y, x = rr / fov, cc / fov
+    z = ((np.arange(slices) - slices / 2) / max(slices, 1))[:, None, None]
+    poly = [np.ones_like(x), x, y, x * x, x * y, y * y]
+    bias = sum(c * t for c, t in zip(rng.normal(0.0, 0.08, size=6), poly)) + rng.normal(0, 0.1) * z
+    phase = rng.uniform(-np.pi, np.pi) + rng.normal(0.0, 0.5) * z
+    phase = phase + sum(c * t for c, t in zip(rng.normal(0.0, [0, 1.0, 1.0, 0.5, 0.5, 0.5]), poly))
+    for _ in range(3):  # B0-like off-resonance blobs
+        cy, cx = rng.uniform(-0.6, 0.6, size=2)
+        cz, width_b = rng.uniform(-0.5, 0.5), rng.uniform(0.08, 0.25)
+        phase = phase + rng.normal(0.0, 1.5) * np.exp(
+            -((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * width_b**2)
+        )
+    return mag * np.exp(bias) * np.exp(1j * phase)
+
+
+def _write_case(path: Path, kspace: np.ndarray, crop: int, header: bytes, acquisition: str, patient_id: str) -> None:
+    """fastMRI single-coil h5 file; ``reconstruction_esc`` = |centre crop of fastmri.ifft2c(kspace)|."""
+    import fastmri
+    import h5py
+    import torch
+    from fastmri.data import transforms as T
+
+    with torch.no_grad():
+        image = fastmri.ifft2c(T.to_tensor(kspace))
+        recon = fastmri.complex_abs(T.complex_center_crop(image, (crop, crop))).numpy().astype(np.float32)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as hf:
+        hf.create_dataset("ismrmrd_header", data=np.bytes_(header), track_times=False)
+        hf.create_dataset("kspace", data=kspace, track_times=False)
+        hf.create_dataset("reconstruction_esc", data=recon, track_times=False)
+        hf.attrs["acquisition"] = acquisition
+        hf.attrs["max"] = float(recon.max())
+        hf.attrs["norm"] = float(np.linalg.norm(recon))
+        hf.attrs["patient_id"] = patient_id
+    tmp.replace(path)
+
+
+@dataclass
+class _Plan:
+    """The source volume and each case's slab, drawn before anything is written."""
+
+    vol: np.ndarray
+    voxel: np.ndarray
+    centre: np.ndarray
+    pixel_mm: float
+    slabs: list[tuple[str, int, int]]
+    fat_suppressed: set[int]
+
+
+def _plan(source: Path, cases: int, seed: int, crop: int, slices: int, fov_mm: float) -> _Plan:
+    pixel_mm = fov_mm / crop
+    vol, voxel, centre, body = _load_source(source, pixel_mm)
+    slots = _slots(body, slices, centre)
+    if cases > len(slots):
+        raise ValueError(f"{source.name} has room for {len(slots)} disjoint slabs of {slices} slices, "
+                         f"not {cases} cases; ask for fewer cases or fewer slices")
+    rng = np.random.default_rng(seed)
+    slabs = [slots[i] for i in rng.permutation(len(slots))[:cases]]
+    return _Plan(vol, voxel, centre, pixel_mm, slabs, set(rng.permutation(cases)[: cases // 6].tolist()))
+
+
+def _write_cases(
+    out: Path, plan: _Plan, seed: int, crop: int, matrix: tuple[int, int], slices: int, fov_mm: float, verbose: bool,
+) -> tuple[list[Path], list[dict[str, Any]]]:
+    """Make and write every case; the files and a record per case for the manifest."""
+    vol, voxel, centre, pixel_mm = plan.vol, plan.voxel, plan.centre, plan.pixel_mm
+    for d in FOLDERS:
+        (out / d).mkdir(parents=True, exist_ok=True)
+    header = _header_xml(matrix, crop, fov_mm, float(voxel.min()), slices)
+    files, records = [], []
+    for case, slot in enumerate(plan.slabs):
+        case_rng = np.random.default_rng([seed, case])
+        fs = case in plan.fat_suppressed
+        image = _case_image(vol, voxel, centre, slot, slices, matrix, pixel_mm, case_rng, fs)
+        image *= np.exp(case_rng.uniform(np.log(1e-4), np.log(5e-4))) / np.abs(image).max()  # fastMRI-like units
+        snr = case_rng.uniform(12, 24) if fs else case_rng.uniform(20, 40)
+        signal = np.abs(image)
+        sigma = signal[signal > 0.1 * signal.max()].mean() / snr
+        kspace = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(image, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+        noise = case_rng.standard_normal((2, *kspace.shape)) * (sigma / math.sqrt(2))
+        kspace = (kspace + noise[0] + 1j * noise[1]).astype(np.complex64)
+        rel = f"{FOLDERS[1] if case % 5 == 4 else FOLDERS[0]}/demo_s{seed}_{case:03d}.h5"
+        acquisition = "CORPDFS_FBK" if fs else "CORPD_FBK"
+        patient_id = hashlib.sha256(f"kronify-demo-{seed}-{case}".encode()).hexdigest()
+        _write_case(out / rel, kspace, crop, header, acquisition, patient_id)
+        files.append(out / rel)
+        records.append({"file": rel, "acquisition": acquisition, "orientation": slot[0],
+                        "source_slices": [slot[2], slot[2] + slices], "snr": round(float(snr), 2)})
+        if verbose:
+            print(f"  {rel}: {slot[0]} slab {slot[2]}-{slot[2] + slices - 1}, {acquisition}, SNR {snr:.1f}")
+    return files, records
+
+
+def build_demo_dataset(
+    out: str | os.PathLike,
+    *,
+    cases: int = 12,
+    seed: int = 0,
+    crop: int = 128,
+    matrix: Sequence[int] | None = None,
+    slices: int = 22,
+    fov_mm: float = 200.0,
+    nifti: str | os.PathLike | None = None,
+    force: bool = False,
+    verbose: bool = False,
+) -> DemoBuild:
+    """Write the demo dataset into ``out`` (see the module docstring); reuse it when ``out`` already holds a
+    complete build with the same parameters (unless ``force``).
+
+    ``matrix`` is the k-space size (H, W), default :func:`demo_matrix` (crop) = (2 crop, ~1.15 crop).
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    matrix = tuple(int(m) for m in (matrix or demo_matrix(crop)))
+    if len(matrix) != 2 or crop < 8 or matrix[0] < crop or matrix[1] < crop:
+        raise ValueError(f"matrix {matrix} must be a pair >= crop {crop} (and crop >= 8)")
+    if cases < 1 or slices < 1 or fov_mm <= 0:
+        raise ValueError(f"cases ({cases}), slices ({slices}) and fov_mm ({fov_mm}) must be positive")
+    source = Path(nifti) if nifti is not None else default_source()
+    if not source.is_file():
+        raise FileNotFoundError(f"NIfTI volume {str(source)!r} does not exist")
+    params = {
+        "version": _VERSION, "cases": cases, "seed": seed, "crop": crop, "matrix": list(matrix),
+        "slices": slices, "fov_mm": fov_mm, "source": source.name, "source_sha256": _sha256(source),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out / ".kronify_demo.lock"):  # several processes (e.g. DDP ranks) may build the same folder
+        manifest_path = out / MANIFEST
+        old = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+        if old is not None and not force and old.get("params") == params:
+            files = [out / f for f in old["files"]]
+            sizes = [entry["bytes"] for entry in old["files"].values()]
+            if all(f.is_file() and f.stat().st_size == size for f, size in zip(files, sizes)):
+                return DemoBuild(out, files, True, time.perf_counter() - start, sum(sizes), old)
+        listed = set(old["files"]) if old else set()
+        present = [p for d in FOLDERS for p in sorted((out / d).glob("*.h5"))]
+        foreign = [p for p in present if p.relative_to(out).as_posix() not in listed]
+        if foreign:
+            raise FileExistsError(f"{out} holds h5 files that are not from a kronify demo build, e.g. {foreign[0]}; "
+                                  "choose an empty --out folder")
+        plan = _plan(source, cases, seed, crop, slices, fov_mm)  # fails before the old build is touched
+        for rel in listed:
+            (out / rel).unlink(missing_ok=True)
+        manifest_path.unlink(missing_ok=True)
+        files, records = _write_cases(out, plan, seed, crop, matrix, slices, fov_mm, verbose)
+        manifest = {
+            "format": "kronify-demo", "notice": NOTICE, "params": params, "cases": records,
+            "files": {f.relative_to(out).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files},
+        }
+        (out / "README.txt").write_text(
+            NOTICE + "\n\nBuilt by `python -m kronify.mri.demo`; parameters and file hashes in " + MANIFEST + ".\n"
+            "Every case is a disjoint slab of the source volume, so no two cases share a slice.\n"
+        )
+        tmp = manifest_path.with_name(MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        tmp.replace(manifest_path)  # written last: a build that stopped half-way is never reused
+        return DemoBuild(out, files, False, time.perf_counter() - start, sum(f.stat().st_size for f in files), manifest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m kronify.mri.demo --out DIR ...``."""
+    parser = argparse.ArgumentParser(prog="python -m kronify.mri.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output folder (gets singlecoil_train/ and singlecoil_val/)")
+    parser.add_argument("--nifti", default=None, help="source NIfTI volume (default: nilearn's MNI152 T1 template)")
+    parser.add_argument("--cases", type=int, default=12, help="number of volumes (default 12)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--crop", type=int, default=128, help="recon/crop size in pixels (default 128)")
+    parser.add_argument("--matrix", type=int, nargs=2, metavar=("H", "W"), default=None,
+                        help="k-space matrix (default: 2*crop x ~1.15*crop, fastMRI's 640x368 for crop 320)")
+    parser.add_argument("--slices", type=int, default=22, help="slices per volume (default 22)")
+    parser.add_argument("--fov-mm", type=float, default=200.0, help="field of view of the crop in mm (default 200)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
+    args = parser.parse_args(argv)
+    print(NOTICE)
+    try:
+        build = build_demo_dataset(args.out, cases=args.cases, seed=args.seed, crop=args.crop, matrix=args.matrix,
+                                   slices=args.slices, fov_mm=args.fov_mm, nifti=args.nifti, force=args.force,
+                                   verbose=True)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    state = "reused existing build in" if build.reused else "wrote"
+    print(f"{state} {build.root}: {len(build.files)} files, {build.bytes / 1e6:.1f} MB, {build.seconds:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
