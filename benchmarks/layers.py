@@ -1,0 +1,298 @@
+"""Layer benchmark: Kronecker layers vs their dense torch counterparts on U-Net-like shapes (CPU).
+
+Run from the repo root: `python -m benchmarks.layers [--quick] [--cpu-time]`. Writes benchmarks/results/layers.json
+and layers.md (wall clock, torch's default threads), or layers_cputime.{json,md} with --cpu-time (one thread, timed by
+the thread's CPU time, which stays meaningful when other processes load the machine). For every shape the two layers are timed alternately (ABBA order, interleaved repeats) in one
+process, so machine-load drift hits both equally; each reported ratio is median(Kron) / median(dense).
+
+Measured per shape:
+- train step: forward + backward + Adam step (KronConv2d vs nn.Conv2d, KronLinear vs nn.Linear);
+- merged inference: `layer.to_dense()` vs the dense layer, eval mode under no_grad;
+- weight build (forward + backward of W): `kron_weight` vs a naive baseline written from the published
+  formula W = Σ_i A_i ⊗ F_i (broadcast outer product of every term, then a sum over terms).
+Targets (issue 2): median train-step ratio ≤ 1.05 over the shapes, none above 1.3; merged inference ≤ 1.02.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from kronify import KronConv2d, KronLinear, kron_weight
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CLOCK = time.perf_counter  # wall clock; --cpu-time switches to the calling thread's CPU time
+SHAPE_BUDGET_S = 8.0  # rough time for one shape's interleaved train-step timings
+MIN_REPEATS = 7
+TARGETS = {"median_train_ratio": 1.05, "max_train_ratio": 1.3, "merged_inference_ratio": 1.02}
+
+
+def naive_kron_weight(A: Tensor, F: Tensor) -> Tensor:
+    """Published formula, literally: broadcast every A_i ⊗ F_i to full size, then sum over i."""
+    terms, n, _ = A.shape
+    p, q, kernel = F.shape[1], F.shape[2], F.shape[3:]
+    ones = (1,) * len(kernel)
+    outer = A.view(terms, n, 1, n, 1, *ones) * F.view(terms, 1, p, 1, q, *kernel)  # (terms, n, p, n, q, *k)
+    return outer.sum(0).reshape(n * p, n * q, *kernel)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each fn (one list per fn, in time order), timed alternately in ABBA order."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            t0 = CLOCK()
+            fns[name]()
+            times[name].append(CLOCK() - t0)
+    return times
+
+
+def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over repeats of the ratio of adjacent (same-repeat) timings: robust to load drift."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+def ms(times: dict[str, list[float]]) -> dict[str, float]:
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def train_step_fn(layer: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        layer(x).backward(grad)
+        opt.step()
+
+    return step
+
+
+def inference_fn(layer: nn.Module, x: Tensor) -> Callable[[], None]:
+    layer.eval()
+
+    def infer() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    return infer
+
+
+def build_fn(fn: Callable[[Tensor, Tensor], Tensor], A: Tensor, F: Tensor) -> Callable[[], None]:
+    g = torch.randn(A.shape[1] * F.shape[1], A.shape[2] * F.shape[2], *F.shape[3:])
+
+    def build() -> None:
+        A.grad = F.grad = None
+        fn(A, F).backward(g)
+
+    return build
+
+
+def bench_shape(kind: str, channels: int, size: int, batch: int, n: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    if kind == "conv2d":
+        dense: nn.Module = nn.Conv2d(channels, channels, 3, padding=1)
+        x = torch.randn(batch, channels, size, size)
+    else:  # token-wise linear on the same feature map, (B, H·W, C)
+        dense = nn.Linear(channels, channels)
+        x = torch.randn(batch, size * size, channels)
+    kron = (KronConv2d if kind == "conv2d" else KronLinear).from_dense(dense, n=n)
+    grad = torch.randn_like(dense(x))
+
+    steps = {"dense": train_step_fn(dense, x, grad), "kron": train_step_fn(kron, x, grad)}
+    t0 = time.perf_counter()
+    steps["dense"]()
+    step_s = time.perf_counter() - t0
+    # expensive shapes get fewer repeats (at least MIN_REPEATS), so the whole grid stays a few minutes
+    reps = max(MIN_REPEATS, min(repeats, int(SHAPE_BUDGET_S / (2 * step_s))))
+    train = interleaved(steps, reps)
+    infer = interleaved(
+        {
+            "dense": inference_fn(dense, x),
+            "merged": inference_fn(kron.to_dense(), x),
+            "kron_eval": inference_fn(kron, x),
+        },
+        reps,
+    )
+    A = kron.A.detach().clone().requires_grad_()
+    F = kron.F.detach().clone().requires_grad_()
+    build = interleaved({"kron_weight": build_fn(kron_weight, A, F), "naive": build_fn(naive_kron_weight, A, F)}, repeats)
+    return {
+        "kind": kind,
+        "channels": channels,
+        "size": size,
+        "batch": batch,
+        "n": n,
+        "terms": kron.terms,
+        "repeats": reps,
+        "params_dense": sum(p.numel() for p in dense.parameters()),
+        "params_kron": sum(p.numel() for p in kron.parameters()),
+        "train_ms": ms(train),
+        "train_ratio": ratio(train, "kron", "dense"),
+        "train_ratio_of_minima": min(train["kron"]) / min(train["dense"]),
+        "infer_ms": ms(infer),
+        "merged_inference_ratio": ratio(infer, "merged", "dense"),
+        "kron_eval_ratio": ratio(infer, "kron_eval", "dense"),
+        "weight_build_ms": ms(build),
+        "naive_over_kron_weight": ratio(build, "naive", "kron_weight"),
+        "weight_build_share_of_train": statistics.median(build["kron_weight"]) / statistics.median(train["kron"]),
+    }
+
+
+def grid(quick: bool) -> list[tuple[int, int, int]]:
+    """(channels, pixels, batch): the five levels of a U-Net (channels × 2 ⇔ pixels / 2), batch 1 and 8."""
+    levels = [(32, 320), (64, 160), (128, 80), (256, 40), (512, 20)]
+    if quick:
+        return [(32, 160, 1), (128, 40, 2), (512, 20, 1)]
+    return [(c, s, b) for b in (1, 8) for c, s in levels]
+
+
+def summarize(rows: list[dict]) -> dict:
+    train = [r["train_ratio"] for r in rows]
+    merged = [r["merged_inference_ratio"] for r in rows]
+    out = {
+        "median_train_ratio": statistics.median(train),
+        "max_train_ratio": max(train),
+        "merged_inference_ratio": statistics.median(merged),
+        "max_merged_inference_ratio": max(merged),
+        "median_kron_eval_ratio": statistics.median(r["kron_eval_ratio"] for r in rows),
+        "median_naive_over_kron_weight": statistics.median(r["naive_over_kron_weight"] for r in rows),
+        "median_train_ratio_of_minima": statistics.median(r["train_ratio_of_minima"] for r in rows),
+    }
+    for kind in sorted({r["kind"] for r in rows}):
+        sub = [r["train_ratio"] for r in rows if r["kind"] == kind]
+        out[f"median_train_ratio_{kind}"] = statistics.median(sub)
+        out[f"max_train_ratio_{kind}"] = max(sub)
+    out["targets"] = {k: {"target": v, "measured": out[k], "met": out[k] <= v} for k, v in TARGETS.items()}
+    return out
+
+
+def oversubscription_note(result: dict) -> list[str]:
+    """A warning line when other processes were competing for the CPUs during a wall-clock run."""
+    m = result["machine"]
+    loads = [v[0] for v in (m["load_average_at_start"], m.get("load_average_at_end")) if v]
+    if result["clock"] != "wall clock" or not loads or max(loads) <= (m["logical_cpus"] or 1):
+        return []
+    return [
+        "",
+        f"**Warning: the machine was oversubscribed (1-min load up to {max(loads):.1f} on {m['logical_cpus']} CPUs).** "
+        "Every multi-threaded op then risks waiting for a descheduled worker thread, which penalizes the layer "
+        "with more (small) ops; these wall-clock ratios then mostly measure the contention. "
+        "See `python -m benchmarks.layers --cpu-time` (layers_cputime.md) or rerun on an idle machine.",
+    ]
+
+
+def fmt_load(load) -> str:
+    return "n/a" if load is None else "/".join(f"{v:.2f}" for v in load)
+
+
+def markdown(result: dict) -> str:
+    m, s = result["machine"], result["summary"]
+    lines = [
+        "# Layer benchmark (CPU)",
+        "",
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, torch threads: {m['torch_threads']}, "
+        f"Python {m['python']}; load average at start {fmt_load(m['load_average_at_start'])}, "
+        f"at end {fmt_load(m.get('load_average_at_end'))} (other processes share the CPUs when it exceeds the threads).",
+        f"Clock: {result['clock']}. Settings: n={result['n']}, terms=n, {MIN_REPEATS}–{result['repeats']} interleaved repeats per measurement "
+        f"(column 'reps'; weight builds always {result['repeats']}), "
+        "Adam, conv 3×3 C→C padding 1, linear C→C on (B, H·W, C) tokens. Ratios are medians over repeats of "
+        "Kron/dense timed back to back; 'min ratio' = fastest Kron / fastest dense.",
+        *oversubscription_note(result),
+        "",
+        "| layer | C | px | B | reps | params kron/dense | train ms dense | train ms kron | train ratio | min ratio "
+        "| merged infer ratio | kron eval ratio | W build ms | naive W build ms | W build / train |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['kind']} | {r['channels']} | {r['size']} | {r['batch']} | {r['repeats']} | {r['params_kron']}/{r['params_dense']} "
+            f"| {r['train_ms']['dense']:.2f} | {r['train_ms']['kron']:.2f} | {r['train_ratio']:.3f} | {r['train_ratio_of_minima']:.3f} "
+            f"| {r['merged_inference_ratio']:.3f} | {r['kron_eval_ratio']:.3f} "
+            f"| {r['weight_build_ms']['kron_weight']:.3f} | {r['weight_build_ms']['naive']:.3f} "
+            f"| {r['weight_build_share_of_train']:.1%} |"
+        )
+    lines += ["", "## Summary", "", "| metric | target | measured | met |", "|---|---|---|---|"]
+    for k, t in s["targets"].items():
+        lines.append(f"| {k} | ≤ {t['target']} | {t['measured']:.3f} | {'yes' if t['met'] else 'NO'} |")
+    for k in sorted(s):
+        if k != "targets" and k not in s["targets"]:
+            lines.append(f"| {k} | | {s[k]:.3f} | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="three shapes, few repeats (~30 s)")
+    parser.add_argument("--n", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="1 thread, timed by thread CPU time (robust when other processes load the machine)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    global CLOCK
+    if args.cpu_time:
+        # With one torch thread all work (forward, autograd backward, optimizer) runs on this thread, so its
+        # CPU time excludes the time other processes hold the CPU: a load-independent measure of work.
+        torch.set_num_threads(1)
+        CLOCK = time.thread_time
+    elif args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = args.repeats or (7 if args.quick else 21)
+    result = {"machine": machine(), "clock": "thread CPU time, 1 thread" if args.cpu_time else "wall clock", "n": args.n, "repeats": repeats, "quick": args.quick, "rows": []}
+    t0 = time.perf_counter()
+    for kind in ("conv2d", "linear"):
+        for c, s, b in grid(args.quick):
+            row = bench_shape(kind, c, s, b, args.n, repeats)
+            result["rows"].append(row)
+            print(
+                f"{kind:6s} C={c:3d} px={s:3d} B={b}: train {row['train_ratio']:.3f}  merged {row['merged_inference_ratio']:.3f}"
+                f"  kron-eval {row['kron_eval_ratio']:.3f}  naive/kron W build {row['naive_over_kron_weight']:.1f}",
+                flush=True,
+            )
+    result["summary"] = summarize(result["rows"])
+    result["seconds"] = time.perf_counter() - t0
+    result["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "layers_cputime" if args.cpu_time else "layers"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

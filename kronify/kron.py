@@ -1,0 +1,130 @@
+"""Kronecker-sum weights W = Σ_t A_t ⊗ F_t and the nearest such sum to a given dense weight.
+
+Layout convention (shared by every kronify layer): for A of shape (terms, n, n) and F of shape
+(terms, p, q, *kernel), W has shape (n·p, n·q, *kernel) and
+
+    W[a·p + i, b·q + j, ...] = Σ_t A[t, a, b] · F[t, i, j, ...]
+
+i.e. torch.kron(A_t, F_t) on the first two dims, with the kernel dims carried by F.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["kron_weight", "nearest_kronecker", "project_kronecker", "check_kron_dims"]
+
+# A term whose singular value is below this fraction of the largest one counts as "empty":
+# its A factor gets a usable scale and its F factor carries the (tiny or zero) value, so the
+# term can still learn instead of sitting at A = F = 0, where both gradients vanish.
+_EMPTY_TERM_RTOL = 1e-6
+
+
+def kron_weight(A: Tensor, F: Tensor) -> Tensor:
+    """Dense weight Σ_t A_t ⊗ F_t from A (terms, n, n) and F (terms, p, q, *kernel).
+
+    One matmul over the terms (an (n², terms) × (terms, p·q·k) product) followed by one
+    permuting copy into the torch.kron layout; differentiable in A and F.
+    """
+    if A.dim() != 3 or A.shape[1] != A.shape[2]:
+        raise ValueError(f"A must have shape (terms, n, n), got {tuple(A.shape)}")
+    if F.dim() < 3 or F.shape[0] != A.shape[0]:
+        raise ValueError(
+            f"F must have shape (terms={A.shape[0]}, out/n, in/n, *kernel), got {tuple(F.shape)}"
+        )
+    return _kron_weight(A, F)
+
+
+def _kron_weight(A: Tensor, F: Tensor) -> Tensor:
+    """kron_weight without argument checks (the layers' hot path; keeps jit.trace free of warnings)."""
+    terms, n = A.shape[0], A.shape[1]
+    p, q = F.shape[1], F.shape[2]
+    m = A.reshape(terms, n * n).transpose(0, 1) @ F.reshape(terms, -1)  # (n·n, p·q·k)
+    w = m.view(n, n, p, q, -1).permute(0, 2, 1, 3, 4)  # (a, i, b, j, k)
+    return w.reshape(n * p, n * q, *F.shape[3:])
+
+
+def check_kron_dims(rows: int, cols: int, n: int, what: str = "W") -> None:
+    """Raise a ValueError naming the dims unless both are divisible by n (an integer >= 2)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"n must be an integer >= 2, got n={n!r}")
+    bad = [f"dim {k} = {d}" for k, d in ((0, rows), (1, cols)) if d % n]
+    if bad:
+        raise ValueError(
+            f"{what}: shape ({rows}, {cols}, ...) is not divisible by n={n} ({', '.join(bad)})"
+        )
+
+
+def _check_terms(terms: int, n: int) -> None:
+    if isinstance(terms, bool) or not isinstance(terms, int) or not 1 <= terms <= n * n:
+        raise ValueError(f"terms must be an integer in 1..n²={n * n} for n={n}, got terms={terms!r}")
+
+
+def _rearrange(W: Tensor, n: int) -> Tensor:
+    """Van Loan–Pitsianis rearrangement in float64: R[(a,b), (i,j,k)] = W[a·p+i, b·q+j, k]."""
+    p, q = W.shape[0] // n, W.shape[1] // n
+    view = W.detach().reshape(n, p, n, q, -1).permute(0, 2, 1, 3, 4)
+    R = torch.empty(view.shape, dtype=torch.float64, device=W.device)
+    R.copy_(view)  # one pass: permute and upcast together
+    return R.view(n * n, -1)
+
+
+def nearest_kronecker(W: Tensor, n: int, terms: int) -> tuple[Tensor, Tensor, float]:
+    """Best Frobenius-norm approximation of W by Σ_{t<terms} A_t ⊗ F_t (Van Loan–Pitsianis).
+
+    W has shape (out, in, *kernel) with out and in divisible by n. W is rearranged into the
+    (n², out·in·k/n²) matrix R whose rank-1 terms are exactly the Kronecker terms, and R's truncated
+    SVD gives the optimum (Eckart–Young). The SVD is taken in float64 whatever W's dtype, through the
+    small n²×n² Gram matrix R·Rᵀ: its eigenvectors are R's left singular vectors u_t, and
+    P_t = u_tᵀR = σ_t·v_tᵀ is computed by projection, so the n² terms reproduce W exactly even where
+    singular values are tiny. A and F come back in W's dtype and device, with √σ_t on each factor
+    (A_t = √σ_t·u_t, F_t = P_t/√σ_t) so their norms are balanced.
+
+    Returns (A (terms, n, n), F (terms, out/n, in/n, *kernel), rel_error) where
+    rel_error = ‖W − Σ A_t⊗F_t‖_F / ‖W‖_F = sqrt(Σ_{t≥terms} σ_t² / Σ_t σ_t²) (0 for W = 0);
+    it is 0 at terms = n². If R has fewer than `terms` non-zero singular values (e.g. a 1×1 conv
+    with out/n = in/n = 1), the extra terms are zero: A_t is an orthogonal direction of usable scale
+    and F_t = 0, so the product is unchanged and the term can still be trained.
+    """
+    if W.dim() < 2:
+        raise ValueError(f"W must have at least 2 dims (out, in, *kernel), got shape {tuple(W.shape)}")
+    check_kron_dims(W.shape[0], W.shape[1], n, "nearest_kronecker: W")
+    _check_terms(terms, n)
+    R = _rearrange(W, n)
+    U = torch.linalg.eigh(R @ R.T).eigenvectors.flip(1)  # (n², n²) orthonormal, by decreasing σ
+    P = U.T @ R  # row t = σ_t·v_tᵀ
+    energy = torch.linalg.vector_norm(P, dim=1).square()  # σ_t², an exact split of ‖W‖²
+    total = float(energy.sum())
+    rel_error = math.sqrt(float(energy[terms:].sum()) / total) if total > 0 else 0.0
+
+    s = energy[:terms].sqrt()
+    s0 = float(s.max())
+    alive = s > _EMPTY_TERM_RTOL * s0
+    scale = torch.where(alive, s, torch.full_like(s, s0 if s0 > 0 else 1.0)).sqrt()
+    A = (U[:, :terms] * scale).T.reshape(terms, n, n)
+    F = P[:terms] * torch.where(alive, 1 / scale, torch.zeros_like(scale)).unsqueeze(1)
+    F = F.reshape(terms, W.shape[0] // n, W.shape[1] // n, *W.shape[2:])
+    return A.to(W.dtype), F.to(W.dtype), rel_error
+
+
+def project_kronecker(W: Tensor, A: Tensor) -> tuple[Tensor, float]:
+    """Least-squares F for a fixed A: argmin_F ‖W − Σ_t A_t ⊗ F_t‖_F (exact projection, float64).
+
+    Used for warm starts with a fixed algebra. Returns (F in W's dtype, rel_error) with rel_error the
+    relative Frobenius residual ‖W − Σ A_t⊗F_t‖_F / ‖W‖_F (0 for W = 0).
+    """
+    if A.dim() != 3 or A.shape[1] != A.shape[2]:
+        raise ValueError(f"A must have shape (terms, n, n), got {tuple(A.shape)}")
+    terms, n, _ = A.shape
+    check_kron_dims(W.shape[0], W.shape[1], n, "project_kronecker: W")
+    R = _rearrange(W, n)
+    M = A.detach().to(device=R.device, dtype=torch.float64).reshape(terms, n * n).transpose(0, 1)
+    Fm = torch.linalg.pinv(M) @ R
+    total = float((R * R).sum())
+    resid = float(((R - M @ Fm) ** 2).sum())
+    rel_error = math.sqrt(resid / total) if total > 0 else 0.0
+    F = Fm.reshape(terms, W.shape[0] // n, W.shape[1] // n, *W.shape[2:])
+    return F.to(W.dtype), rel_error
