@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 2
+# Passive OpenMP waiting: busy-waiting threads slow torch badly when the 2 cores are shared.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: venv demo test bench clean
 

@@ -16,6 +16,7 @@ from kronify.layers import (
     KronLinear,
     kron_param_count,
 )
+from kronify.layers.attention import KronMultiheadAttention
 from kronify.merge import merge
 from kronify.report import ConversionReport
 
@@ -31,6 +32,7 @@ __all__ = [
     "KronConvTranspose2d",
     "KronConvTranspose3d",
     "KronLinear",
+    "KronMultiheadAttention",
     "convert",
     "kron_param_count",
     "kron_weight",

@@ -1,0 +1,125 @@
+"""Static analysis of a model for `kronify.convert`: which layers run, and how often, via torch.fx.
+
+torch.fx symbolic tracing records every call of a leaf module as a ``call_module`` node, so it tells
+which candidate layers the forward actually uses and which are called at several places (a shared
+module, e.g. the denoiser of an unrolled network). Models with data-dependent control flow do not
+trace; then, if example inputs are given, one forward pass with pre-hooks counts the calls instead,
+and otherwise nothing is known about calls (layers are found by `named_modules()` alone).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch import nn
+
+
+@dataclass
+class Analysis:
+    """Outcome of analysing one model.
+
+    `calls` maps id(module) -> number of call sites (fx) or calls (hooks); None when unknown.
+    `weight_reads` holds ids of modules whose parameters the traced code reads directly.
+    """
+
+    traced: bool
+    method: str  # "fx" | "hooks" | "modules"
+    error: str | None = None
+    calls: dict[int, int] | None = None
+    weight_reads: set[int] = field(default_factory=set)
+
+
+class _Tracer(torch.fx.Tracer):
+    """Default fx tracer that also keeps the given candidate layers as leaves."""
+
+    def __init__(self, is_leaf: Callable[[nn.Module], bool]) -> None:
+        super().__init__()
+        self._is_leaf = is_leaf
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return self._is_leaf(m) or super().is_leaf_module(m, qualname)
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+
+
+def _default_concrete_args(model: nn.Module) -> dict[str, Any]:
+    """Forward parameters that have defaults are traced with those defaults (e.g. mask=None)."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return {}
+    return {
+        k: p.default
+        for k, p in sig.parameters.items()
+        if p.default is not inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+
+
+def _fx(model: nn.Module, is_leaf: Callable[[nn.Module], bool]) -> Analysis:
+    tracer = _Tracer(is_leaf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = tracer.trace(model, concrete_args=_default_concrete_args(model) or None)
+    calls: dict[int, int] = {}
+    reads: set[int] = set()
+    for node in graph.nodes:
+        if node.op == "call_module":
+            m = model.get_submodule(node.target)
+            calls[id(m)] = calls.get(id(m), 0) + 1
+        elif node.op == "get_attr" and "." in node.target:
+            owner = node.target.rsplit(".", 1)[0]
+            try:
+                reads.add(id(model.get_submodule(owner)))
+            except AttributeError:
+                pass
+    return Analysis(traced=True, method="fx", calls=calls, weight_reads=reads)
+
+
+def _hooks(model: nn.Module, candidates: list[nn.Module], example_inputs: Any) -> dict[int, int]:
+    """Count calls of `candidates` in one no-grad forward; buffers (e.g. BN statistics) are restored."""
+    calls = {id(m): 0 for m in candidates}
+
+    def pre_hook(m, _args):
+        calls[id(m)] += 1
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in candidates]
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        with torch.no_grad():
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(saved[name])
+    return calls
+
+
+def analyse(
+    model: nn.Module,
+    candidates: list[nn.Module],
+    is_leaf: Callable[[nn.Module], bool],
+    example_inputs: Any = None,
+) -> Analysis:
+    """Trace `model` with torch.fx; on failure fall back to a hooked forward pass (if example inputs
+    are given) or to nothing. Never raises for a model that does not trace."""
+    try:
+        return _fx(model, is_leaf)
+    except Exception as e:  # any tracing failure means: fall back
+        error = _short(e)
+    if example_inputs is not None:
+        try:
+            return Analysis(traced=False, method="hooks", error=error, calls=_hooks(model, candidates, example_inputs))
+        except Exception as e:
+            error = f"{error}; forward on example_inputs failed too: {_short(e)}"
+    return Analysis(traced=False, method="modules", error=error)

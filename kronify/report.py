@@ -1,0 +1,184 @@
+"""ConversionReport: what `kronify.convert` did, one row per candidate layer, plus model totals."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerRow:
+    """One convertible layer: converted, or skipped with the reason why.
+
+    `shape` is the dense weight's shape, or (embed_dim, kdim, vdim) for attention. `params_*` count
+    the layer's own parameters (attention: all projections and biases). For converted layers,
+    `reason` may carry notes (shared paths, call counts); `warm_start_error` is the relative
+    Frobenius error of the warm start, None without one.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    n: int | None
+    terms: int | None
+    params_before: int
+    params_after: int
+    status: str  # "converted" | "skipped"
+    reason: str = ""
+    warm_start_error: float | None = None
+
+
+def count_params(module: nn.Module) -> int:
+    """Number of distinct parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def _fmt_int(x: int) -> str:
+    return f"{x:,}"
+
+
+@dataclass
+class ConversionReport:
+    """Result of `kronify.convert`.
+
+    `params_before` / `params_after` are whole-model totals; `rows` holds one row per layer that
+    convert considered (converted or skipped). `traced` says whether torch.fx analysed the model;
+    when it did not, `trace_error` says why and layers were found through `named_modules()`.
+    """
+
+    model: nn.Module
+    rows: list[LayerRow] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    traced: bool = False
+    trace_error: str | None = None
+
+    @property
+    def converted(self) -> list[str]:
+        return [r.name for r in self.rows if r.status == "converted"]
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return {r.name: r.reason for r in self.rows if r.status == "skipped"}
+
+    @property
+    def ratio(self) -> float:
+        """Whole-model params_after / params_before."""
+        return self.params_after / self.params_before if self.params_before else math.nan
+
+    @property
+    def converted_ratio(self) -> float:
+        """params_after / params_before summed over the converted layers only (about 1/n)."""
+        rows = [r for r in self.rows if r.status == "converted"]
+        before = sum(r.params_before for r in rows)
+        return sum(r.params_after for r in rows) / before if before else math.nan
+
+    def summary(self) -> str:
+        """One line: layer counts, totals and ratios."""
+        return (
+            f"{len(self.converted)} converted, {len(self.skipped)} skipped; params "
+            f"{_fmt_int(self.params_before)} -> {_fmt_int(self.params_after)} "
+            f"(x{self.ratio:.3f} model, x{self.converted_ratio:.3f} converted layers); "
+            f"analysis: {'torch.fx' if self.traced else 'named_modules (fx failed: ' + str(self.trace_error) + ')'}"
+        )
+
+    def __str__(self) -> str:
+        head = ("layer", "kind", "shape", "n", "terms", "params", "-> after", "ws_err", "status")
+        lines = []
+        for r in self.rows:
+            status = r.status if not r.reason else f"{r.status}: {r.reason}"
+            lines.append(
+                (
+                    r.name,
+                    r.kind,
+                    "x".join(map(str, r.shape)),
+                    "" if r.n is None else str(r.n),
+                    "" if r.terms is None else str(r.terms),
+                    _fmt_int(r.params_before),
+                    _fmt_int(r.params_after),
+                    "" if r.warm_start_error is None else f"{r.warm_start_error:.3f}",
+                    status,
+                )
+            )
+        widths = [max([len(h)] + [len(row[i]) for row in lines]) for i, h in enumerate(head)]
+        right = {3, 4, 5, 6, 7}
+
+        def fmt(cells):
+            return "  ".join(
+                c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+            ).rstrip()
+
+        out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(row) for row in lines]
+        out.append(
+            f"total: {_fmt_int(self.params_before)} -> {_fmt_int(self.params_after)} params "
+            f"(x{self.ratio:.3f}); converted layers x{self.converted_ratio:.3f}; "
+            f"{len(self.converted)} converted, {len(self.skipped)} skipped"
+        )
+        out.append(
+            "analysis: torch.fx" if self.traced else f"analysis: named_modules (torch.fx failed: {self.trace_error})"
+        )
+        return "\n".join(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (no tensors, no model)."""
+        rows = []
+        for r in self.rows:
+            d = asdict(r)
+            d["shape"] = list(r.shape)
+            rows.append(d)
+        return {
+            "rows": rows,
+            "converted": self.converted,
+            "skipped": self.skipped,
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "ratio": self.ratio,
+            "converted_ratio": self.converted_ratio,
+            "traced": self.traced,
+            "trace_error": self.trace_error,
+        }
+
+    def flops(self, example_inputs: Any) -> dict[str, int]:
+        """Forward FLOPs of the dense and of the converted model, counted by torch.utils.flop_counter.
+
+        FLOPs are what FlopCounterMode counts: 2 per multiply-accumulate of matmuls and convolutions.
+        `dense` is the model with every Kron layer merged back (`kronify.merge` on a copy), i.e. the
+        original layer shapes. `converted` is the converted model's forward in eval mode without the
+        rebuild of the dense weights from the factors (Σ A⊗F), which is paid once per weight update,
+        not per sample; that rebuild is given separately as `weight_rebuild`. Kron layers run the
+        dense op, so `converted` equals `dense` (FLOPs do not drop; parameters do).
+        `example_inputs` is a tensor or a tuple of positional inputs.
+        """
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from kronify.merge import merge
+
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+        def count(model: nn.Module) -> int:
+            # torch's fused attention fast path is one op FlopCounterMode cannot count: take the slow path
+            fast = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                    model(*args)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(fast)
+            return counter.get_total_flops()
+
+        dense = merge(copy.deepcopy(self.model), inplace=True).eval()
+        model = self.model
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()  # Kron layers cache their dense weight in eval mode under no_grad
+        try:
+            first = count(model)  # builds (and caches) every dense weight
+            converted = count(model)  # reuses the cached weights
+        finally:
+            for m, mode in modes:
+                m.training = mode
+        return {"dense": count(dense), "converted": converted, "weight_rebuild": first - converted}

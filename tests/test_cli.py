@@ -1,0 +1,65 @@
+"""The `kronify report` command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from kronify.cli import main
+
+pytest.importorskip("torchvision")
+pytest.importorskip("timm")
+
+
+def test_report_torchvision_with_flops(capsys):
+    assert main(["report", "torchvision:resnet18", "--n", "2", "--input-size", "3", "32", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "layer4.1.conv2" in out and "skipped: in_channels/groups=3 not divisible by n=2" in out
+    assert "total: 11,689,512 ->" in out and "FLOPs (input 1x3x32x32" in out
+
+
+def test_report_json_timm_with_terms_and_warm_start(capsys):
+    assert main(["report", "timm:convnext_atto", "--n", "4", "--terms", "1", "--warm-start", "--json",
+                 "--input-size", "3", "32", "32"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["model"] == "timm:convnext_atto" and d["converted"]
+    rows = [r for r in d["rows"] if r["status"] == "converted"]
+    assert all(r["n"] == 4 and r["terms"] == 1 and 0 < r["warm_start_error"] < 1 for r in rows)
+    assert d["flops"]["dense"] == d["flops"]["converted"] > 0 and d["flops_input_size"] == [1, 3, 32, 32]
+
+
+def test_report_factory_spec(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_models.py").write_text(
+        "from torch import nn\n\ndef small():\n    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["report", "my_models:small", "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "\n0      Linear  6x8" in out and "out_features=3 not divisible by n=2" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["report", "timm:no_such_model_xyz"], "unknown timm model 'no_such_model_xyz'"),
+        (["report", "torchvision:no_such_model"], "unknown torchvision model 'no_such_model'"),
+        (["report", "resnet18"], "MODEL must be timm:NAME, torchvision:NAME or package.module:factory"),
+        (["report", "no_such_pkg_xyz.mod:make"], "cannot import 'no_such_pkg_xyz.mod'"),
+        (["report", "torch.nn:NoSuchFactory"], "'torch.nn' has no callable 'NoSuchFactory'"),
+        (["report", "torchvision:resnet18", "--n", "1"], "n must be an integer >= 2"),
+    ],
+)
+def test_bad_model_or_options_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_console_script_exit_status():
+    exe = shutil.which("kronify", path=str(__import__("pathlib").Path(sys.executable).parent))
+    cmd = [exe] if exe else [sys.executable, "-m", "kronify.cli"]
+    proc = subprocess.run(cmd + ["report", "resnet18"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "MODEL must be timm:NAME" in proc.stderr

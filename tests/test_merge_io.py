@@ -1,0 +1,166 @@
+"""kronify.merge (back to plain torch layers, export with jit.trace / ONNX) and kronify.save / load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import kronify
+from kronify.convert import is_kron
+
+
+class Model(nn.Module):
+    """Conv, transposed conv, attention and linear layers, one of them shared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 6)
+        self.fc_again = self.fc
+
+    def forward(self, x):
+        h = self.up(torch.relu(self.conv(x)))  # (B, 8, 2H, 2W)
+        t = h.flatten(2).transpose(1, 2)  # (B, L, 8)
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        return self.out(self.fc_again(torch.relu(self.fc(t)))).mean(1)
+
+
+def converted(seed=0, **kw) -> nn.Module:
+    torch.manual_seed(seed)
+    model = Model()
+    kronify.convert(model, **kw)
+    with torch.no_grad():  # move every factor off its init so that a load is really checked
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return model.eval()
+
+
+def x_in() -> torch.Tensor:
+    return torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+
+
+def rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_merge_restores_plain_torch_layers_and_outputs():
+    model = converted(terms=3)
+    x = x_in()
+    with torch.no_grad():
+        y = model(x)
+    copy_ = kronify.merge(model, inplace=False)
+    assert any(is_kron(m) for m in model.modules())  # inplace=False: the converted model is untouched
+    merged = kronify.merge(model)
+    assert merged is model and not any(is_kron(m) for m in model.modules())
+    assert type(model.conv) is nn.Conv2d and type(model.up) is nn.ConvTranspose2d
+    assert type(model.attn) is nn.MultiheadAttention and type(model.fc) is nn.Linear
+    assert model.fc_again is model.fc  # sharing survives the merge
+    assert isinstance(model.attn.in_proj_weight, nn.Parameter)
+    with torch.no_grad():
+        assert rel(model(x), y) < 1e-5
+        assert rel(copy_(x), y) < 1e-5
+
+
+def test_merged_model_exports_with_jit_trace_and_onnx(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = kronify.merge(converted())
+    x = x_in()
+    with torch.no_grad():
+        y = model(x)
+        traced = torch.jit.trace(model, x)
+        assert rel(traced(x), y) < 1e-6
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], output_names=["y"])
+    onnx.checker.check_model(onnx.load(str(path)))
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert rel(torch.from_numpy(out), y) < 1e-5
+
+
+def test_save_load_round_trip_with_mixed_settings(tmp_path):
+    model = converted(overrides={"conv": {"n": 4, "terms": 16}, "fc": {"algebra": "complex"}, "out": None})
+    path = tmp_path / "m.pt"
+    kronify.save(model, path)
+    payload = torch.load(path, weights_only=True)
+    meta = json.loads(payload["kronify"])
+    assert meta["kronify_version"] and meta["format"] == 1
+    assert meta["layers"]["conv"] == {"n": 4, "terms": 16, "algebra": "learned"}
+    assert meta["layers"]["fc"] == {"n": 2, "terms": 2, "algebra": "complex"}
+    assert "out" not in meta["layers"] and "fc_again" not in meta["layers"]
+    base = Model().eval()
+    loaded = kronify.load(base, path)
+    assert loaded is base and loaded.fc_again is loaded.fc and type(loaded.out) is nn.Linear
+    assert loaded.attn.kron_config() == model.attn.kron_config()
+    x = x_in()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+def snapshot(model):
+    return [id(m) for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(model, snap):
+    ids, state = snap
+    assert [id(m) for m in model.modules()] == ids
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and state.keys() == model.state_dict().keys()
+
+
+def test_load_errors_name_keys_and_leave_base_unchanged(tmp_path):
+    model = converted()
+    path = tmp_path / "m.pt"
+    kronify.save(model, path)
+    sd = model.state_dict()
+
+    # extra and missing keys in the file
+    bad = tmp_path / "bad.pt"
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"] = {**{k: v for k, v in sd.items() if k != "out.bias"}, "extra.weight": torch.zeros(1)}
+    torch.save(payload, bad)
+    base = Model()
+    snap = snapshot(base)
+    with pytest.raises(ValueError, match=r"missing keys \['out.bias'\]; unexpected keys \['extra.weight'\]"):
+        kronify.load(base, bad)
+    assert_same(base, snap)
+
+    # a different architecture: a recorded layer does not exist / has other dims
+    other = nn.Sequential(nn.Linear(8, 8))
+    snap = snapshot(other)
+    with pytest.raises(ValueError, match="cannot rebuild the converted layers"):
+        kronify.load(other, path)
+    assert_same(other, snap)
+    wider = Model()
+    wider.out = nn.Linear(8, 10)
+    snap = snapshot(wider)
+    with pytest.raises(ValueError, match=r"shape mismatch for out.F \(2, 3, 4\) vs \(2, 5, 4\), out.bias"):
+        kronify.load(wider, path)
+    assert_same(wider, snap)
+
+    with pytest.raises(ValueError, match="not a kronify.save file"):
+        torch.save({"a": torch.zeros(1)}, tmp_path / "plain.pt")
+        kronify.load(Model(), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="no Kronecker layers"):
+        kronify.save(Model(), tmp_path / "dense.pt")
+
+
+def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
+    model = converted()
+    path = tmp_path / "m.pt"
+    kronify.save(model, path)
+    good = path.read_bytes()
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        kronify.save(converted(seed=1), path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
