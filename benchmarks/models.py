@@ -1,0 +1,252 @@
+"""Model benchmark: zoo U-Net and SwinMR presets vs their Kronecker versions (`zoo.create_kron`, n = 2).
+
+Run from the repo root: `python -m benchmarks.models [--quick]`. Writes benchmarks/results/models.json and
+models.md. Per case (preset, image size, batch), dense and Kronecker models are timed alternately (ABBA
+order, interleaved repeats) in one process; a ratio is the median over repeats of Kron / dense (and, as
+a load-robust second figure, the ratio of the fastest runs).
+
+Measured:
+- train step: zero_grad + forward + MSE backward + Adam step;
+- merged inference: `kronify.merge(kron model)` vs the dense model, eval mode under no_grad;
+- parameter + gradient + Adam-state bytes: 4 × the bytes of the trainable parameters (param, grad,
+  exp_avg, exp_avg_sq) — for the Kronecker model these are the factors A, F and the biases;
+- peak memory of one training step (after a warm-up step, so Adam state exists). On CPU, tracemalloc
+  does not see torch's allocator, so this uses torch.profiler's memory timeline
+  (profile_memory + record_shapes + with_stack, `export_memory_timeline(device="cpu")`): the peak over
+  the step of all live tensors by category (parameters, optimizer state, inputs, activations,
+  gradients, temporaries). On CUDA it is `torch.cuda.max_memory_allocated` over the step.
+Targets (issue 4): train step ≤ 1.05 (U-Net) and ≤ 1.10 (SwinMR); merged inference ≤ 1.02;
+parameter + optimizer bytes ≤ 0.52 of dense; peak training memory not above dense.
+
+CPU cases are sized to finish in about 5 minutes on 2 cores: the fastMRI U-Net (chans 32) at 320×320,
+the demo SwinMR (embed 24) at 320×320, and the paper's SwinMR (embed 120, 36 Swin layers) at 32×32 only:
+one of its training steps takes seconds at 32×32 and minutes at 320×320 on 2 cores. With a GPU, the
+full-size presets at 320×320 run too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+# Passive OpenMP waiting (as the Makefile sets): busy-waiting threads slow torch several-fold when the
+# cores are shared. It must be set before torch starts its thread pool, so before the torch import.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import kronify  # noqa: E402
+import zoo  # noqa: E402
+from benchmarks.layers import machine  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {"train_ratio": {"unet": 1.05, "swinmr": 1.10}, "merged_inference_ratio": 1.02,
+           "param_optimizer_ratio": 0.52, "peak_ratio": 1.0}
+
+# (preset, image size, batch, family)
+CPU_CASES = [("unet", 320, 1, "unet"), ("swinmr_demo", 320, 1, "swinmr"), ("swinmr_paper", 32, 1, "swinmr")]
+QUICK_CASES = [("unet_demo", 320, 1, "unet"), ("swinmr_demo", 320, 1, "swinmr")]
+GPU_CASES = [("unet", 320, 8, "unet"), ("swinmr_paper", 320, 1, "swinmr"), ("swinmr", 320, 1, "swinmr")]
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Wall seconds per call of each fn, timed alternately in ABBA order after `warmup` calls each."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio(times: dict, num: str, den: str) -> float:
+    """Median over repeats of num/den timings of the same repeat."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+def best_ratio(times: dict, num: str, den: str) -> float:
+    """min(num) / min(den): the fastest run of each, least inflated by other processes' load."""
+    return min(times[num]) / min(times[den])
+
+
+def median_ms(times: dict) -> dict[str, float]:
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
+    """A closure running one Adam training step of `model` on (x, target)."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model(x), target).backward()
+        opt.step()
+        sync(x.device)
+
+    return step
+
+
+def inference(model: nn.Module, x: torch.Tensor):
+    model.eval()
+
+    def run() -> None:
+        with torch.no_grad():
+            model(x)
+        sync(x.device)
+
+    return run
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Parameter + gradient + Adam (exp_avg, exp_avg_sq) bytes of the trainable parameters."""
+    return 4 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def peak_step_bytes(step, device: torch.device) -> int:
+    """Peak bytes of live tensors during one call of `step` (see the module docstring for the method)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        return torch.cuda.max_memory_allocated(device)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "timeline.json")
+        with warnings.catch_warnings():  # deprecated in favour of a CUDA-only API; still the CPU method
+            warnings.simplefilter("ignore", FutureWarning)
+            prof.export_memory_timeline(path, device="cpu")
+        _, sizes = json.loads(Path(path).read_text())
+    return max(sum(row) for row in sizes) if sizes else 0
+
+
+def bench_case(name: str, size: int, batch: int, family: str, device: torch.device, repeats: int) -> dict:
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    dense = zoo.create(name).to(device)
+    kron, report = zoo.create_kron(name)
+    kron = kron.to(device)
+    merged = kronify.merge(copy.deepcopy(kron)).to(device)
+    x = torch.randn(batch, 2, size, size, device=device)
+    target = torch.randn_like(x)
+
+    steps = {"dense": train_step(dense, x, target), "kron": train_step(kron, x, target)}
+    train = interleaved(steps, repeats)
+    infer = interleaved({"dense": inference(dense, x), "merged": inference(merged, x)}, 2 * repeats)
+    dense.train()
+    peaks = {k: peak_step_bytes(steps[k], device) for k in ("dense", "kron")}
+    bytes_ = {"dense": state_bytes(dense), "kron": state_bytes(kron)}
+    row = {
+        "model": name, "family": family, "size": size, "batch": batch, "device": device.type,
+        "params": {"dense": report.params_before, "kron": report.params_after},
+        "train_step_ms": median_ms(train),
+        "train_ratio": ratio(train, "kron", "dense"),
+        "train_ratio_best": best_ratio(train, "kron", "dense"),
+        "inference_ms": median_ms(infer),
+        "merged_inference_ratio": ratio(infer, "merged", "dense"),
+        "merged_inference_ratio_best": best_ratio(infer, "merged", "dense"),
+        "param_optimizer_bytes": bytes_,
+        "param_optimizer_ratio": bytes_["kron"] / bytes_["dense"],
+        "peak_step_bytes": peaks,
+        "peak_ratio": peaks["kron"] / peaks["dense"] if peaks["dense"] else float("nan"),
+        "seconds": time.perf_counter() - start,
+    }
+    row["meets"] = {
+        "train": row["train_ratio"] <= TARGETS["train_ratio"][family],
+        "merged_inference": row["merged_inference_ratio"] <= TARGETS["merged_inference_ratio"],
+        "param_optimizer": row["param_optimizer_ratio"] <= TARGETS["param_optimizer_ratio"],
+        "peak": row["peak_ratio"] <= TARGETS["peak_ratio"],
+    }
+    return row
+
+
+def to_markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        "# Model benchmark: dense vs Kronecker (n = 2)",
+        "",
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} ({m['torch_threads']} threads)"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
+        + f"; load average at start {m.get('load_average_at_start')}, at end {m.get('load_average_at_end')}.",
+        f"Repeats: {result['repeats']} train steps, {2 * result['repeats']} inferences (interleaved, ABBA); quick: {result['quick']}; total {result['seconds']:.0f} s.",
+        "",
+        "| model | device | size×batch | params dense → kron | train step ms dense / kron | train ratio (best) | "
+        "merged infer ratio (best) | param+grad+Adam MB dense / kron (ratio) | peak step MB dense / kron (ratio) "
+        "| targets met |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        mb = lambda b: b / 2**20  # noqa: E731
+        pb, pk = r["param_optimizer_bytes"], r["peak_step_bytes"]
+        met = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in r["meets"].items())
+        lines.append(
+            f"| {r['model']} | {r['device']} | {r['size']}²×{r['batch']} | {r['params']['dense']:,} → "
+            f"{r['params']['kron']:,} | {r['train_step_ms']['dense']:.1f} / {r['train_step_ms']['kron']:.1f} | "
+            f"{r['train_ratio']:.3f} ({r['train_ratio_best']:.3f}) | {r['merged_inference_ratio']:.3f} "
+            f"({r['merged_inference_ratio_best']:.3f}) | {mb(pb['dense']):.2f} / "
+            f"{mb(pb['kron']):.2f} ({r['param_optimizer_ratio']:.3f}) | {mb(pk['dense']):.1f} / {mb(pk['kron']):.1f} "
+            f"({r['peak_ratio']:.3f}) | {met} |")
+    lines += [
+        "",
+        f"Targets: train ratio ≤ {TARGETS['train_ratio']['unet']} (U-Net), ≤ {TARGETS['train_ratio']['swinmr']} "
+        f"(SwinMR); merged inference ≤ {TARGETS['merged_inference_ratio']}; param+optimizer bytes ≤ "
+        f"{TARGETS['param_optimizer_ratio']} of dense; peak training memory ≤ dense.",
+        "Ratios: median over interleaved repeats of Kron / dense wall time of the same repeat; in brackets the "
+        "ratio of the fastest runs, which other processes' load inflates least. Targets are judged on the median.",
+        "Peak memory on CPU: torch.profiler memory timeline (all live tensors by category) over one training "
+        "step after a warm-up step; on CUDA: torch.cuda.max_memory_allocated.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.models", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small presets, fewer repeats")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (3 if args.quick else 6)
+    cases = [(c, torch.device("cpu")) for c in (QUICK_CASES if args.quick else CPU_CASES)]
+    info = machine()
+    info["omp"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        cases += [(c, torch.device("cuda")) for c in (QUICK_CASES if args.quick else GPU_CASES)]
+    t0 = time.perf_counter()
+    rows = []
+    for (name, size, batch, family), device in cases:
+        print(f"{name} {size}x{size} batch {batch} on {device.type} ...", flush=True)
+        rows.append(bench_case(name, size, batch, family, device, repeats))
+        r = rows[-1]
+        print(f"  train ratio {r['train_ratio']:.3f}, merged inference {r['merged_inference_ratio']:.3f}, "
+              f"param+optimizer {r['param_optimizer_ratio']:.3f}, peak {r['peak_ratio']:.3f}", flush=True)
+    info["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    result = {"machine": info, "repeats": repeats, "quick": args.quick, "seconds": time.perf_counter() - t0,
+              "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "models.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / "models.md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
