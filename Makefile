@@ -23,6 +23,8 @@ test: venv
 bench: venv
 	$(PY) -m benchmarks.layers
 	$(PY) -m benchmarks.convert
+	$(PY) -m benchmarks.loader
+	$(PY) -m benchmarks.models
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

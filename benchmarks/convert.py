@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,10 +24,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import kronify  # noqa: E402
+from benchmarks._common import RESULTS, machine, write_results  # noqa: E402
 from kronify.analysis import analyse  # noqa: E402
 from kronify.convert import find_candidates, is_kron  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "vit_base_patch16_224"
 TARGET_S = 2.0
 
@@ -109,27 +107,13 @@ def main(argv: list[str] | None = None) -> dict:
         "params_after": report.params_after,
         "timings": timings,
         "target_s": TARGET_S,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "logical_cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "load_before": round(load_before, 2),
-            "load_after": round(os.getloadavg()[0], 2),
-        },
+        "machine": machine(
+            omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+            load_before=round(load_before, 2),
+            load_after=round(os.getloadavg()[0], 2),
+        ),
     }
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                result["machine"]["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "convert.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "convert.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "convert", result, markdown(result))
     return result
 
 

@@ -16,9 +16,6 @@ Targets (issue 2): median train-step ratio ≤ 1.05 over the shapes, none above 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -27,9 +24,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from benchmarks._common import (
+    RESULTS, best_ratio, interleaved, load_average, machine, median_ms, ratio, write_results,
+)
 from kronify import KronConv2d, KronLinear, kron_weight
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CLOCK = time.perf_counter  # wall clock; --cpu-time switches to the calling thread's CPU time
 SHAPE_BUDGET_S = 8.0  # rough time for one shape's interleaved train-step timings
 MIN_REPEATS = 7
@@ -43,50 +42,6 @@ def naive_kron_weight(A: Tensor, F: Tensor) -> Tensor:
     ones = (1,) * len(kernel)
     outer = A.view(terms, n, 1, n, 1, *ones) * F.view(terms, 1, p, 1, q, *kernel)  # (terms, n, p, n, q, *k)
     return outer.sum(0).reshape(n * p, n * q, *kernel)
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each fn (one list per fn, in time order), timed alternately in ABBA order."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else reversed(names):
-            t0 = CLOCK()
-            fns[name]()
-            times[name].append(CLOCK() - t0)
-    return times
-
-
-def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
-    """Median over repeats of the ratio of adjacent (same-repeat) timings: robust to load drift."""
-    return statistics.median(a / b for a, b in zip(times[num], times[den]))
-
-
-def ms(times: dict[str, list[float]]) -> dict[str, float]:
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def train_step_fn(layer: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], None]:
@@ -137,7 +92,7 @@ def bench_shape(kind: str, channels: int, size: int, batch: int, n: int, repeats
     step_s = time.perf_counter() - t0
     # expensive shapes get fewer repeats (at least MIN_REPEATS), so the whole grid stays a few minutes
     reps = max(MIN_REPEATS, min(repeats, int(SHAPE_BUDGET_S / (2 * step_s))))
-    train = interleaved(steps, reps)
+    train = interleaved(steps, reps, clock=CLOCK)
     infer = interleaved(
         {
             "dense": inference_fn(dense, x),
@@ -145,10 +100,12 @@ def bench_shape(kind: str, channels: int, size: int, batch: int, n: int, repeats
             "kron_eval": inference_fn(kron, x),
         },
         reps,
+        clock=CLOCK,
     )
     A = kron.A.detach().clone().requires_grad_()
     F = kron.F.detach().clone().requires_grad_()
-    build = interleaved({"kron_weight": build_fn(kron_weight, A, F), "naive": build_fn(naive_kron_weight, A, F)}, repeats)
+    builds = {"kron_weight": build_fn(kron_weight, A, F), "naive": build_fn(naive_kron_weight, A, F)}
+    build = interleaved(builds, repeats, clock=CLOCK)
     return {
         "kind": kind,
         "channels": channels,
@@ -159,13 +116,13 @@ def bench_shape(kind: str, channels: int, size: int, batch: int, n: int, repeats
         "repeats": reps,
         "params_dense": sum(p.numel() for p in dense.parameters()),
         "params_kron": sum(p.numel() for p in kron.parameters()),
-        "train_ms": ms(train),
+        "train_ms": median_ms(train),
         "train_ratio": ratio(train, "kron", "dense"),
-        "train_ratio_of_minima": min(train["kron"]) / min(train["dense"]),
-        "infer_ms": ms(infer),
+        "train_ratio_of_minima": best_ratio(train, "kron", "dense"),
+        "infer_ms": median_ms(infer),
         "merged_inference_ratio": ratio(infer, "merged", "dense"),
         "kron_eval_ratio": ratio(infer, "kron_eval", "dense"),
-        "weight_build_ms": ms(build),
+        "weight_build_ms": median_ms(build),
         "naive_over_kron_weight": ratio(build, "naive", "kron_weight"),
         "weight_build_share_of_train": statistics.median(build["kron_weight"]) / statistics.median(train["kron"]),
     }
@@ -285,12 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
     result["summary"] = summarize(result["rows"])
     result["seconds"] = time.perf_counter() - t0
-    result["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "layers_cputime" if args.cpu_time else "layers"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    result["machine"]["load_average_at_end"] = load_average()
+    write_results(args.out, "layers_cputime" if args.cpu_time else "layers", result, markdown(result))
     return result
 
 

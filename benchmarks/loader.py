@@ -19,9 +19,7 @@ best of ``--repeats`` passes (the least disturbed one, as timeit advises); the m
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -32,39 +30,26 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks._common import RESULTS, load_average, machine, write_results
+
 TARGET = 200.0
 CROP = (320, 320)
 MATRIX = (640, 368)
 
 
-def machine(load_average: tuple | None) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+def loader_machine(load_average_at_start: tuple | None) -> dict:
     import fastmri
     import h5py
 
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "fastmri": fastmri.__version__,
-        "h5py": h5py.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_at_start": load_average,
-        "scheduler": {os.SCHED_OTHER: "SCHED_OTHER", os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_RR: "SCHED_RR"}.get(
+    return machine(
+        load_average_at_start=load_average_at_start,
+        fastmri=fastmri.__version__,
+        h5py=h5py.__version__,
+        scheduler={os.SCHED_OTHER: "SCHED_OTHER", os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_RR: "SCHED_RR"}.get(
             os.sched_getscheduler(0), str(os.sched_getscheduler(0))),
-        "cpu_affinity": sorted(os.sched_getaffinity(0)),
-        "command": " ".join(["python -m benchmarks.loader", *sys.argv[1:]]),
-    }
+        cpu_affinity=sorted(os.sched_getaffinity(0)),
+        command=" ".join(["python -m benchmarks.loader", *sys.argv[1:]]),
+    )
 
 
 def timed(fn: Callable[[], object], repeats: int, count: int) -> dict:
@@ -193,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=0, help="also time a DataLoader with this many workers")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    load_average = os.getloadavg() if hasattr(os, "getloadavg") else None
+    load_at_start = load_average()
     torch.set_num_threads(1)
 
     from kronify.mri.data import build_datasets
@@ -216,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
         loader = loader_run(ds, args.workers, max(1, args.repeats // 2)) if args.workers > 0 else None
     counted = {k: v for k, v in stage_times.items() if not k.startswith("  ")}
     result = {
-        "machine": machine(load_average),
+        "machine": loader_machine(load_at_start),
         "slices": n,
         "matrix": list(MATRIX),
         "crop": list(CROP),
@@ -231,10 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         "meets_target": full["per_s_cpu"] >= TARGET,
         "dataloader": loader,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "loader.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "loader.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "loader", result, markdown(result))
     return result
 
 

@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -45,9 +44,10 @@ from torch import nn  # noqa: E402
 
 import kronify  # noqa: E402
 import zoo  # noqa: E402
-from benchmarks.layers import machine  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    RESULTS, best_ratio, interleaved, load_average, machine, median_ms, ratio, write_results,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {"train_ratio": {"unet": 1.05, "swinmr": 1.10}, "merged_inference_ratio": 1.02,
            "param_optimizer_ratio": 0.52, "peak_ratio": 1.0}
 
@@ -55,35 +55,6 @@ TARGETS = {"train_ratio": {"unet": 1.05, "swinmr": 1.10}, "merged_inference_rati
 CPU_CASES = [("unet", 320, 1, "unet"), ("swinmr_demo", 320, 1, "swinmr"), ("swinmr_paper", 32, 1, "swinmr")]
 QUICK_CASES = [("unet_demo", 320, 1, "unet"), ("swinmr_demo", 320, 1, "swinmr")]
 GPU_CASES = [("unet", 320, 8, "unet"), ("swinmr_paper", 320, 1, "swinmr"), ("swinmr", 320, 1, "swinmr")]
-
-
-def interleaved(fns: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Wall seconds per call of each fn, timed alternately in ABBA order after `warmup` calls each."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else reversed(names):
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def ratio(times: dict, num: str, den: str) -> float:
-    """Median over repeats of num/den timings of the same repeat."""
-    return statistics.median(a / b for a, b in zip(times[num], times[den]))
-
-
-def best_ratio(times: dict, num: str, den: str) -> float:
-    """min(num) / min(den): the fastest run of each, least inflated by other processes' load."""
-    return min(times[num]) / min(times[den])
-
-
-def median_ms(times: dict) -> dict[str, float]:
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def train_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor):
@@ -238,13 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         r = rows[-1]
         print(f"  train ratio {r['train_ratio']:.3f}, merged inference {r['merged_inference_ratio']:.3f}, "
               f"param+optimizer {r['param_optimizer_ratio']:.3f}, peak {r['peak_ratio']:.3f}", flush=True)
-    info["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    info["load_average_at_end"] = load_average()
     result = {"machine": info, "repeats": repeats, "quick": args.quick, "seconds": time.perf_counter() - t0,
               "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "models.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / "models.md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_results(RESULTS, "models", result, to_markdown(result))
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -51,7 +52,7 @@ def build_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
         classifiers = set(torchvision.models.list_models(module=torchvision.models))
         return model, (3, 224, 224) if name.lower() in classifiers else None
     try:
-        module = importlib.import_module(source)
+        module = _import_from_cwd(source)
     except ImportError as e:
         raise UsageError(f"cannot import {source!r} for model {spec!r}: {e}") from None
     factory = getattr(module, name, None)
@@ -61,6 +62,20 @@ def build_model(spec: str) -> tuple[nn.Module, tuple[int, ...] | None]:
     if not isinstance(model, nn.Module):
         raise UsageError(f"{spec} returned a {type(model).__name__}, not an nn.Module")
     return model, None
+
+
+def _import_from_cwd(name: str):
+    """Import `name` with the current directory searched first, as `python -m` does (the console
+    script's own sys.path lacks it), so `kronify report mypkg.models:make` works from a project folder."""
+    cwd = os.getcwd()
+    added = "" not in sys.path and cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(name)
+    finally:
+        if added:
+            sys.path.remove(cwd)
 
 
 def _parser() -> argparse.ArgumentParser:

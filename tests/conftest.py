@@ -6,6 +6,7 @@
 :func:`kronify.mri.demo.build_demo_dataset`'s keyword arguments overriding :data:`DEMO_TEST_KW`.
 ``demo_kw``: the parameters of ``demo_root``. Both builders give the dataset root (holding
 ``singlecoil_train/`` and ``singlecoil_val/``).
+``offline_hub``: no pretrained weights reachable and any download attempt fails the test.
 """
 
 from __future__ import annotations
@@ -41,3 +42,31 @@ def make_demo() -> Callable[..., Path]:
         return build_demo_dataset(path, **{**DEMO_TEST_KW, **kw}).root
 
     return make
+
+
+def _no_download(*args, **kwargs):
+    raise AssertionError(f"a download was attempted: {args!r}")
+
+
+@pytest.fixture
+def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Empty torch hub dir, no weight-path env overrides, every download entry point made to fail loudly.
+
+    Returns the hub's (not yet existing) ``checkpoints`` folder, where pretrained weights would be looked up.
+    """
+    import urllib.request
+
+    import torch
+    import torchvision.models._api as tv_api
+
+    from kronify.mri import weights as W
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    monkeypatch.delenv(W.ALEXNET.env_var, raising=False)
+    monkeypatch.delenv(W.VGG19.env_var, raising=False)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_download)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_download)
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", _no_download)
+    monkeypatch.setattr(urllib.request, "urlopen", _no_download)
+    return hub / "checkpoints"

@@ -58,8 +58,27 @@ def test_bad_model_or_options_exit_2(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_console_script_exit_status():
+def _console_script() -> list[str]:
     exe = shutil.which("kronify", path=str(__import__("pathlib").Path(sys.executable).parent))
-    cmd = [exe] if exe else [sys.executable, "-m", "kronify.cli"]
-    proc = subprocess.run(cmd + ["report", "resnet18"], capture_output=True, text=True, timeout=120)
+    return [exe] if exe else [sys.executable, "-m", "kronify.cli"]
+
+
+def test_console_script_exit_status():
+    proc = subprocess.run(_console_script() + ["report", "resnet18"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "MODEL must be timm:NAME" in proc.stderr
+
+
+def test_console_script_imports_package_module_factory_from_the_current_directory(tmp_path):
+    """The installed `kronify` script (whose sys.path lacks the cwd) finds the user's own package."""
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text(
+        "from torch import nn\n\ndef small():\n    return nn.Sequential(nn.Conv2d(2, 8, 3), nn.Conv2d(8, 3, 1))\n"
+    )
+    proc = subprocess.run(_console_script() + ["report", "mypkg.nets:small", "--n", "2", "--json"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)
+    assert d["model"] == "mypkg.nets:small" and d["converted"] == ["0"]
+    assert "out_channels=3 not divisible by n=2" in d["skipped"]["1"]

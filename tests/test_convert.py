@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import warnings
 
 import pytest
@@ -325,6 +326,29 @@ def test_torch_compile_eager_backend():
     torch.testing.assert_close(compiled(x), model(x))
     compiled(x).sum().backward()
     assert model.body[0].F.grad is not None
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="inductor needs a C compiler on CPU")
+def test_torch_compile_inductor_train_and_eval():
+    """The default backend (inductor codegen), on 'same' padding, ConvTranspose output_padding and Linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(4, 8, 3, padding="same"), nn.ReLU(),
+        nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1), nn.Flatten(), nn.Linear(4 * 12 * 12, 6),
+    )
+    rep = kronify.convert(model, n=2)
+    assert rep.converted == ["0", "2", "4"]
+    x = torch.randn(2, 4, 6, 6)
+    compiled = torch.compile(model)
+    y = compiled(x)
+    torch.testing.assert_close(y, model(x), rtol=1e-4, atol=1e-5)
+    y.square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        model[4].F.mul_(2)  # a parameter update must reach the compiled graph
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 # ---- the report ------------------------------------------------------------------------------------

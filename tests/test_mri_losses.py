@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import urllib.request
 
 import pytest
 import torch
@@ -16,25 +15,6 @@ from kronify.mri.complex import ifft2c
 from kronify.mri.losses import CompositeLoss, VGGPerceptualLoss, charbonnier
 
 H = 32
-
-
-def _no_download(*args, **kwargs):
-    raise AssertionError(f"a download was attempted: {args!r}")
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """Empty torch hub dir, no env override, and every download entry point made to fail loudly."""
-    import torchvision.models._api as tv_api
-
-    hub = tmp_path / "hub"
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
-    monkeypatch.delenv(W.VGG19.env_var, raising=False)
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_download)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_download)
-    monkeypatch.setattr(tv_api, "load_state_dict_from_url", _no_download)
-    monkeypatch.setattr(urllib.request, "urlopen", _no_download)
-    return hub / "checkpoints"
 
 
 def _random_vgg19_features(seed: int = 0) -> nn.Sequential:

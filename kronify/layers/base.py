@@ -10,6 +10,8 @@ Linear/Conv, (in, out/groups, *k) for ConvTranspose. `weight` is a read-only pro
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Any
 
@@ -20,6 +22,13 @@ from kronify.algebra import LEARNED, algebra_matrices, resolve_algebra
 from kronify.kron import _kron_weight, nearest_kronecker, project_kronecker
 
 __all__ = ["KronMixin", "kron_param_count"]
+
+
+@functools.cache
+def _constructor_args(dense_cls: type[nn.Module]) -> tuple[str, ...]:
+    """Names of the torch layer's constructor arguments, without device/dtype."""
+    params = inspect.signature(dense_cls.__init__).parameters
+    return tuple(name for name in params if name not in ("self", "device", "dtype"))
 
 
 def kron_param_count(
@@ -51,6 +60,7 @@ class KronMixin:
 
     _dense_cls: type[nn.Module]  # the torch layer this class replaces
     _dim_names: tuple[str, str]  # names of the weight's (rows, cols) for error messages
+    _desc_attrs: tuple[str, ...]  # attributes naming the layer's size in error messages
 
     A: Tensor
     F: nn.Parameter
@@ -158,8 +168,15 @@ class KronMixin:
     # ---- conversion -----------------------------------------------------------------------------
     @classmethod
     def _torch_kwargs(cls, layer: nn.Module) -> dict[str, Any]:
-        """Constructor arguments (without device/dtype) that rebuild `layer`'s torch configuration."""
-        raise NotImplementedError
+        """Constructor arguments (without device/dtype) that rebuild `layer`'s torch configuration.
+
+        Every torch layer stores each constructor argument under its own name, except `bias`
+        (stored as the Parameter or None).
+        """
+        return {
+            name: layer.bias is not None if name == "bias" else getattr(layer, name)
+            for name in _constructor_args(cls._dense_cls)
+        }
 
     @classmethod
     def from_dense(
@@ -217,7 +234,7 @@ class KronMixin:
 
     # ---- reporting ------------------------------------------------------------------------------
     def _dims_desc(self) -> str:
-        raise NotImplementedError
+        return ", ".join(f"{name}={getattr(self, name)}" for name in self._desc_attrs)
 
     def dense_param_count(self) -> int:
         """Parameters of the equivalent dense torch layer (weight + bias)."""

@@ -13,6 +13,7 @@ __all__ = ["KronConv1d", "KronConv2d", "KronConv3d"]
 
 class _KronConvNd(KronMixin):
     _dim_names = ("out_channels", "in_channels/groups")
+    _desc_attrs = ("in_channels", "out_channels", "groups")
 
     def __init__(
         self,
@@ -37,23 +38,6 @@ class _KronConvNd(KronMixin):
             padding_mode, device="meta", dtype=dtype,
         )
         self._kron_setup(n, terms, algebra, device, dtype)
-
-    @classmethod
-    def _torch_kwargs(cls, layer: nn.Module) -> dict[str, Any]:
-        return {
-            "in_channels": layer.in_channels,
-            "out_channels": layer.out_channels,
-            "kernel_size": layer.kernel_size,
-            "stride": layer.stride,
-            "padding": layer.padding,
-            "dilation": layer.dilation,
-            "groups": layer.groups,
-            "bias": layer.bias is not None,
-            "padding_mode": layer.padding_mode,
-        }
-
-    def _dims_desc(self) -> str:
-        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, groups={self.groups}"
 
 
 class KronConv1d(_KronConvNd, nn.Conv1d):

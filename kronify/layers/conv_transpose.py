@@ -18,6 +18,7 @@ __all__ = ["KronConvTranspose1d", "KronConvTranspose2d", "KronConvTranspose3d"]
 
 class _KronConvTransposeNd(KronMixin):
     _dim_names = ("in_channels", "out_channels/groups")
+    _desc_attrs = ("in_channels", "out_channels", "groups")
 
     def __init__(
         self,
@@ -43,24 +44,6 @@ class _KronConvTransposeNd(KronMixin):
             dilation, padding_mode, device="meta", dtype=dtype,
         )
         self._kron_setup(n, terms, algebra, device, dtype)
-
-    @classmethod
-    def _torch_kwargs(cls, layer: nn.Module) -> dict[str, Any]:
-        return {
-            "in_channels": layer.in_channels,
-            "out_channels": layer.out_channels,
-            "kernel_size": layer.kernel_size,
-            "stride": layer.stride,
-            "padding": layer.padding,
-            "output_padding": layer.output_padding,
-            "groups": layer.groups,
-            "bias": layer.bias is not None,
-            "dilation": layer.dilation,
-            "padding_mode": layer.padding_mode,
-        }
-
-    def _dims_desc(self) -> str:
-        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, groups={self.groups}"
 
 
 class KronConvTranspose1d(_KronConvTransposeNd, nn.ConvTranspose1d):

@@ -16,6 +16,7 @@ class KronLinear(KronMixin, nn.Linear):
 
     _dense_cls = nn.Linear
     _dim_names = ("out_features", "in_features")
+    _desc_attrs = ("in_features", "out_features")
 
     def __init__(
         self,
@@ -31,10 +32,3 @@ class KronLinear(KronMixin, nn.Linear):
     ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias, device="meta", dtype=dtype)
         self._kron_setup(n, terms, algebra, device, dtype)
-
-    @classmethod
-    def _torch_kwargs(cls, layer: nn.Module) -> dict[str, Any]:
-        return {"in_features": layer.in_features, "out_features": layer.out_features, "bias": layer.bias is not None}
-
-    def _dims_desc(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}"

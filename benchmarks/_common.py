@@ -1,0 +1,90 @@
+"""Helpers shared by the benchmarks: machine description, interleaved timing, ratios, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """1/5/15-minute load averages (None where the OS has none): other processes inflate wall-clock times."""
+    return os.getloadavg() if hasattr(os, "getloadavg") else None
+
+
+def machine(**extra: Any) -> dict:
+    """What a result depends on (CPU, threads, versions, load at start), plus `extra` fields (which win)."""
+    return {
+        "cpu": cpu_name(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_at_start": load_average(),
+        **extra,
+    }
+
+
+def interleaved(
+    fns: dict[str, Callable[[], None]],
+    repeats: int,
+    warmup: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Seconds per call of each fn (one list per fn, in time order), timed alternately in ABBA order
+    after `warmup` calls each, so that drift in the machine's load hits every fn equally."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            t0 = clock()
+            fns[name]()
+            times[name].append(clock() - t0)
+    return times
+
+
+def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over repeats of the ratio of same-repeat timings num/den: robust to load drift."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+def best_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """min(num) / min(den): the fastest run of each, least inflated by other processes' load."""
+    return min(times[num]) / min(times[den])
+
+
+def median_ms(times: dict[str, list[float]]) -> dict[str, float]:
+    """Median milliseconds per fn."""
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def write_results(out: Path, stem: str, result: dict, markdown: str) -> None:
+    """Write out/stem.json and out/stem.md, and print the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)
