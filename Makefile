@@ -15,7 +15,7 @@ venv:
 	$(PY) -m pip install --quiet -e ".[dev]"
 
 demo: venv
-	$(PY) examples/convert_models.py
+	$(PY) recipes/table1.py --preset demo
 
 test: venv
 	$(PY) -m pytest -q
@@ -25,6 +25,7 @@ bench: venv
 	$(PY) -m benchmarks.convert
 	$(PY) -m benchmarks.loader
 	$(PY) -m benchmarks.models
+	$(PY) -m benchmarks.training
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,167 @@
+"""Named training set-ups for the recipes: ``paper`` (fastMRI, GPU), ``demo`` (embedded demo data, 2 CPU cores)
+and ``tiny`` (tests).
+
+``paper`` follows the Kronecker paper and SwinMR's training options (ayanglab/SwinMR,
+``options/SwinMR/train_swinmr_*.json``): 320×320 centre crops, the 20 central slices of each volume, batch 8,
+Adam lr 2e-4, MultiStepLR ×0.5 at steps 50k, 80k, 90k, 100 k steps in all (SwinMR lists a fourth milestone at
+100 k, where training stops), EMA 0.999, composite loss α 15 / β 0.1 / γ 0.0025 (γ > 0 needs the VGG19 weights
+on disk), a test every 10 k steps (we validate every 5 k) and a checkpoint every 5 k steps.
+
+``demo`` is sized so that the whole of ``recipes/table1.py --preset demo`` (nine trained models plus
+zero-filling) trains in about 10 minutes on 2 CPU cores: 96×96 crops of a demo dataset of 30 short volumes
+(8 slices each, so that ~15 training volumes bring 15 different anatomies and phase maps), small model widths,
+150–400 steps per model, and γ = 0 (no VGG19 weights are shipped; the perceptual term is off and the table
+says so). Three choices make such short runs learn, all stated in the table: the learning rate is 1e-3 (5× the
+paper's; the runs are ~300× shorter), every training sample gets a random global phase (exact for MRI data, see
+:func:`kronify.mri.training.rotate_phase`; without it a real-valued network ties itself to the phase maps of
+the few training volumes and gets *worse* than zero-filling on new ones), and every model is wrapped in
+:class:`kronify.mri.training.ZeroFilledStart` so it starts from the zero-filled image instead of from a
+random output. Numbers from it are pipeline checks on brain images, not a reproduction of the paper.
+
+``tiny`` uses the same switches at toy sizes (tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+__all__ = ["FAMILIES", "PRESETS", "ModelSpec", "Preset", "get_preset"]
+
+#: Model families a recipe can train (the zoo's dense architectures).
+FAMILIES = ("unet", "swinmr", "modl", "lbunet", "efficient_unet")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A zoo model and how long to train it within a preset."""
+
+    zoo_name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    max_steps: int | None = None  # None: the preset's max_steps
+    correction: bool = False  # the network predicts a correction to its input (fastMRI's U-Net does not add it)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Everything a recipe needs besides the data root and the model variant."""
+
+    name: str
+    description: str
+    crop: int
+    batch_size: int  # global (split over processes)
+    max_steps: int
+    milestones_frac: tuple[float, ...]  # MultiStepLR milestones as fractions of the model's max_steps
+    val_every: int
+    ckpt_every: int
+    lr: float = 2e-4
+    ema_decay: float = 0.999
+    alpha: float = 15.0
+    beta: float = 0.1
+    gamma: float = 0.0025
+    num_slices: int | None = 20
+    num_workers: int = 0
+    eval_batch_size: int = 8
+    precision: str = "auto"
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    demo_build: dict[str, Any] | None = None  # kwargs of build_demo_dataset when no --data-path is given
+    phase_augment: bool = False  # random global phase per training sample (kronify.mri.training.rotate_phase)
+    zero_filled_start: bool = False  # wrap models in kronify.mri.training.ZeroFilledStart
+    accelerations: tuple[int, ...] = (4, 8)  # what table1 runs
+
+    def model(self, family: str) -> ModelSpec:
+        if family not in self.models:
+            raise ValueError(f"preset {self.name!r} has no model for {family!r}; it has {sorted(self.models)}")
+        return self.models[family]
+
+    def steps_for(self, family: str) -> int:
+        return self.model(family).max_steps or self.max_steps
+
+    def milestones(self, max_steps: int) -> list[int]:
+        """MultiStepLR milestones (step counts) for a run of ``max_steps`` steps."""
+        return sorted({max(1, round(f * max_steps)) for f in self.milestones_frac if round(f * max_steps) < max_steps})
+
+
+PAPER = Preset(
+    name="paper",
+    description="the paper's set-up on fastMRI single-coil knee (320x320, batch 8, 100k steps; for GPUs)",
+    crop=320,
+    batch_size=8,
+    max_steps=100_000,
+    milestones_frac=(0.5, 0.8, 0.9),  # 50k, 80k, 90k
+    val_every=5_000,
+    ckpt_every=5_000,
+    num_workers=8,
+    eval_batch_size=8,
+    models={
+        "unet": ModelSpec("unet"),
+        "swinmr": ModelSpec("swinmr_paper"),
+        "modl": ModelSpec("modl"),
+        "lbunet": ModelSpec("lbunet"),
+        "efficient_unet": ModelSpec("efficient_unet"),
+    },
+)
+
+DEMO = Preset(
+    name="demo",
+    description="CPU demo on the embedded demo data (brain, not knee): 96x96 crops, small models, minutes",
+    crop=96,
+    batch_size=4,
+    max_steps=300,
+    milestones_frac=(0.7, 0.9),
+    val_every=50,
+    ckpt_every=100,
+    lr=1e-3,
+    gamma=0.0,
+    num_slices=None,
+    eval_batch_size=16,
+    precision="32-true",
+    models={
+        "unet": ModelSpec("unet_demo", {"chans": 8}, 400, correction=True),
+        "swinmr": ModelSpec("swinmr_demo", {}, 150),
+        "modl": ModelSpec("modl_demo", {"iterations": 2, "features": 16}, 300),
+        "lbunet": ModelSpec("lbunet_small", {}, 400),
+        "efficient_unet": ModelSpec("efficient_unet", {}, 200),
+    },
+    demo_build={"cases": 30, "seed": 0, "crop": 128, "slices": 8},
+    accelerations=(4,),
+    phase_augment=True,
+    zero_filled_start=True,
+)
+
+TINY = Preset(
+    name="tiny",
+    description="seconds-long runs for tests (any small data, crop 32)",
+    crop=32,
+    batch_size=2,
+    max_steps=4,
+    milestones_frac=(0.5,),
+    val_every=2,
+    ckpt_every=2,
+    lr=1e-3,
+    gamma=0.0,
+    num_slices=None,
+    eval_batch_size=4,
+    precision="32-true",
+    models={
+        "unet": ModelSpec("unet_demo", {"chans": 4, "num_pool_layers": 2}, correction=True),
+        "swinmr": ModelSpec("swinmr_demo", {"embed_dim": 8, "depths": (1,), "num_heads": (2,)}),
+        "modl": ModelSpec("modl_demo", {"iterations": 1, "features": 4}),
+        "lbunet": ModelSpec("lbunet_small"),
+        "efficient_unet": ModelSpec("efficient_unet", {"decoder_channels": (16, 16, 8, 8, 8)}),
+    },
+    demo_build={"cases": 6, "seed": 0, "crop": 32, "matrix": (64, 40), "slices": 6},
+    accelerations=(4, 8),
+    phase_augment=True,
+    zero_filled_start=True,
+)
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (PAPER, DEMO, TINY)}
+
+
+def get_preset(name: str, **changes: Any) -> Preset:
+    """The named preset, with dataclass fields replaced by ``changes`` (None values are ignored)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return replace(PRESETS[name], **changes) if changes else PRESETS[name]

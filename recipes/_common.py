@@ -1,0 +1,294 @@
+"""The command line shared by every recipe: train a zoo model (dense and/or Kronecker) and evaluate it.
+
+``python recipes/unet_fastmri.py [--data-path ROOT] [--preset paper|demo|tiny] [--kron-n N ...] ...``
+
+- With ``--data-path`` the fastMRI single-coil files under ROOT are used (``singlecoil_train/`` and
+  ``singlecoil_val/``, pooled and split by volume; the split is written to OUT/split.json and reused), and the
+  default preset is ``paper``.
+- Without it, the embedded demo dataset is built once into the cache folder ($KRONIFY_CACHE, default
+  ~/.cache/kronify) and the default preset is ``demo`` (CPU, minutes).
+
+Each variant (``--kron-n 0`` dense, ``--kron-n 2`` Kronecker, both with ``--kron-n 0 2``) is trained, then
+evaluated on the test split with its EMA weights: OUT/metrics.json, per_volume.csv, per_slice.csv,
+reconstruction.png, history.json, examples.npz, logs/ (CSV + TensorBoard) and checkpoints/last.ckpt.
+Several variants go to OUT/<variant>/. ``--resume`` continues from OUT/checkpoints/last.ckpt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+import kronify
+import zoo
+from kronify.mri.checkpoint import last_checkpoint
+from kronify.mri.data import SPLITS, DataError, SplitDataset, build_datasets, data_folders
+from kronify.mri.evaluate import example_indices, reconstruct_examples, write_results, zero_filled_metrics
+from kronify.mri.losses import CompositeLoss
+from kronify.mri.presets import FAMILIES, PRESETS, Preset, get_preset
+from kronify.mri.training import PRECISIONS, ReconDataModule, ReconModule, ZeroFilledStart, make_trainer
+from zoo.summary import count_flops, count_params
+
+ACCELERATIONS = (4, 8)
+ALGEBRAS = ("learned", "complex")
+
+
+class RecipeError(Exception):
+    """A user-facing problem (bad flag combination, data that does not fit the preset); printed, exit code 2."""
+
+
+def cache_dir(explicit: str | None = None) -> Path:
+    """Where the demo dataset is built: ``--cache-dir``, else $KRONIFY_CACHE, else ~/.cache/kronify."""
+    return Path(explicit or os.environ.get("KRONIFY_CACHE") or Path.home() / ".cache" / "kronify").expanduser()
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, variants: bool = True) -> None:
+    """The flags every recipe shares."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-path", default=None, metavar="ROOT",
+                      help="fastMRI single-coil root (singlecoil_train/, singlecoil_val/); omit for the demo data")
+    data.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                      help="paper (default with --data-path), demo (default without), tiny (tests)")
+    data.add_argument("--acceleration", type=int, choices=ACCELERATIONS, default=4, help="undersampling (4 or 8)")
+    data.add_argument("--limit-cases", type=int, default=None, metavar="N",
+                      help="use at most N volumes of each split (quick runs)")
+    data.add_argument("--cache-dir", default=None, help="demo data cache (default $KRONIFY_CACHE or ~/.cache/kronify)")
+    data.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (preset default)")
+    if variants:
+        model = parser.add_argument_group("model")
+        model.add_argument("--kron-n", type=int, nargs="+", default=[0], metavar="N",
+                           help="0 = the dense model, N >= 2 = its Kronecker version with n = N; several train each")
+        model.add_argument("--algebra", choices=ALGEBRAS, default="learned",
+                           help="Kronecker algebra: learned A matrices, or the fixed complex rule (n = 2)")
+    train = parser.add_argument_group("training")
+    train.add_argument("--max-steps", type=int, default=None, help="optimizer steps (preset default per model)")
+    train.add_argument("--batch-size", type=int, default=None, help="global batch size (split over processes)")
+    train.add_argument("--lr", type=float, default=None, help="Adam learning rate (preset default)")
+    train.add_argument("--gamma", type=float, default=None,
+                       help="perceptual (VGG19) loss weight; > 0 needs the VGG19 weights on disk")
+    train.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value")
+    train.add_argument("--val-every", type=int, default=None, help="validate every N steps")
+    train.add_argument("--ckpt-every", type=int, default=None, help="write checkpoints/last.ckpt every N steps")
+    train.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and masks")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
+    hw = parser.add_argument_group("hardware")
+    hw.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    hw.add_argument("--devices", default="1", help="devices per node (an int, or 'auto')")
+    hw.add_argument("--num-nodes", type=int, default=1, help="number of nodes (DDP)")
+    hw.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp, ddp_spawn")
+    hw.add_argument("--precision", choices=PRECISIONS, default=None,
+                    help="auto = bf16/16-mixed on GPUs, 32-true on CPU (preset default)")
+    parser.add_argument("--out", default=None, help="output folder (default out/<recipe>-<preset>-<acc>x)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@dataclass
+class Data:
+    """The datasets of one run (train/val/test) and where they came from."""
+
+    root: Path
+    datasets: dict[str, SplitDataset]
+    is_demo: bool
+
+
+def resolve_preset(args: argparse.Namespace) -> Preset:
+    """The preset named by ``--preset`` (default by data source) with the command line's overrides."""
+    name = args.preset or ("paper" if args.data_path else "demo")
+    for flag in ("max_steps", "batch_size", "val_every", "ckpt_every", "limit_cases", "num_workers"):
+        value = getattr(args, flag, None)
+        if value is not None and value < (0 if flag == "num_workers" else 1):
+            raise RecipeError(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'num_workers' else 1}, "
+                              f"got {value}")
+    if args.lr is not None and args.lr <= 0:
+        raise RecipeError(f"--lr must be > 0, got {args.lr}")
+    if args.gamma is not None and args.gamma < 0:
+        raise RecipeError(f"--gamma must be >= 0, got {args.gamma}")
+    return get_preset(name, batch_size=args.batch_size, lr=args.lr, gamma=args.gamma, val_every=args.val_every,
+                      ckpt_every=args.ckpt_every, num_workers=args.num_workers, precision=args.precision)
+
+
+def prepare_data(args: argparse.Namespace, preset: Preset, split_file: Path, acceleration: int) -> Data:
+    """Build (or reuse) the data and the split; check that the preset fits it."""
+    if args.data_path is not None:
+        root = Path(args.data_path).expanduser()
+        if not root.is_dir():
+            raise RecipeError(f"--data-path {str(root)!r} does not exist or is not a folder")
+        is_demo = False
+    else:
+        if preset.demo_build is None:
+            raise RecipeError(f"preset {preset.name!r} is for real fastMRI data: pass --data-path ROOT "
+                              "(or use --preset demo)")
+        from kronify.mri.demo import NOTICE, build_demo_dataset
+
+        build = preset.demo_build
+        tag = "-".join(f"{k}{'x'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
+                       for k, v in sorted(build.items()))
+        root = cache_dir(args.cache_dir) / f"demo-{tag}"
+        result = build_demo_dataset(root, **build)
+        if not result.reused and _is_global_zero():
+            print(f"built the demo dataset in {root} ({result.seconds:.0f} s). {NOTICE}", flush=True)
+        is_demo = True
+    try:
+        datasets = build_datasets(root, split_file, crop=preset.crop, accelerations=acceleration,
+                                  num_slices=preset.num_slices)
+    except DataError as err:
+        if "larger than the image" in str(err):
+            raise RecipeError(f"preset {preset.name!r} crops {preset.crop}x{preset.crop} but the data does not fit: "
+                              f"{err}. Use a preset with a smaller crop (e.g. --preset demo).") from err
+        raise RecipeError(str(err)) from err
+    except FileNotFoundError as err:
+        raise RecipeError(str(err)) from err
+    if args.limit_cases is not None:
+        datasets = {name: SplitDataset(name, data_folders(root), ds.files[: args.limit_cases], ds.transform,
+                                       preset.num_slices) for name, ds in datasets.items()}
+    for name in SPLITS:
+        if len(datasets[name]) == 0:
+            raise RecipeError(f"the {name} split under {root} has no slices (split file {split_file}); "
+                              "the data has too few volumes for this split")
+    return Data(root, datasets, is_demo)
+
+
+def _is_global_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and \
+        int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def variant_name(zoo_name: str, kron_n: int, algebra: str) -> str:
+    """``unet_demo`` (dense), ``kron_unet_demo`` (n = 2), ``kron_unet_demo_n4``, ``kron_unet_demo_complex``."""
+    if kron_n == 0:
+        return zoo_name
+    suffix = "" if kron_n == 2 else f"_n{kron_n}"
+    return f"kron_{zoo_name}{suffix}" + ("_complex" if algebra == "complex" else "")
+
+
+def build_model(family: str, preset: Preset, kron_n: int, algebra: str) -> torch.nn.Module:
+    """The preset's zoo model for ``family``, converted with ``kronify.convert`` when ``kron_n`` >= 2."""
+    check_variant(family, preset, kron_n, algebra)
+    spec = preset.model(family)
+    if kron_n == 0:
+        model = zoo.create(spec.zoo_name, **spec.overrides)
+    else:
+        model, _ = zoo.create_kron(spec.zoo_name, n=kron_n, algebra=algebra, **spec.overrides)
+    return ZeroFilledStart(model, correction=spec.correction) if preset.zero_filled_start else model
+
+
+def model_cost(model: torch.nn.Module, size: int) -> tuple[int, float]:
+    """(parameters, GFLOPs of one 2×size×size slice); a Kronecker model is counted after ``kronify.merge``."""
+    params = count_params(model)
+    network = model.model if isinstance(model, ZeroFilledStart) else model
+    return params, count_flops(kronify.merge(copy.deepcopy(network)), size) / 1e9
+
+
+def train_and_evaluate(
+    args: argparse.Namespace,
+    preset: Preset,
+    data: Data,
+    family: str,
+    kron_n: int,
+    algebra: str,
+    acceleration: int,
+    out_dir: Path,
+    *,
+    zero_filled=None,
+) -> dict[str, Any]:
+    """Train one variant into ``out_dir`` (resuming when asked), test it, write its results; returns metrics."""
+    spec = preset.model(family)
+    name = variant_name(spec.zoo_name, kron_n, algebra)
+    max_steps = args.max_steps or preset.steps_for(family)
+    ckpt_dir = out_dir / "checkpoints"
+    resume_from = last_checkpoint(ckpt_dir)
+    if resume_from is not None and not args.resume:
+        raise RecipeError(f"{out_dir} already holds a run ({resume_from}); pass --resume to continue it "
+                          "or choose another --out")
+    if args.resume and resume_from is None and _is_global_zero():
+        print(f"--resume: no checkpoint in {ckpt_dir}, starting {name} from scratch", flush=True)
+
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    model = build_model(family, preset, kron_n, algebra)
+    params, gflops = model_cost(model, preset.crop)
+    loss = CompositeLoss(preset.alpha, preset.beta, preset.gamma)
+    module = ReconModule(model, loss, lr=preset.lr, milestones=preset.milestones(max_steps),
+                         ema_decay=preset.ema_decay)
+    ds = data.datasets
+    datamodule = ReconDataModule(ds["train"], ds["val"], ds["test"], batch_size=preset.batch_size, seed=args.seed,
+                                 num_workers=preset.num_workers, eval_batch_size=preset.eval_batch_size,
+                                 phase_augment=preset.phase_augment)
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    trainer = make_trainer(out_dir, max_steps=max_steps, val_every=preset.val_every, ckpt_every=preset.ckpt_every,
+                           accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes,
+                           strategy=args.strategy, precision=preset.precision, grad_clip=args.grad_clip,
+                           progress_bar=not args.no_progress)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if args.resume and resume_from else None)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    if not trainer.is_global_zero:
+        return {}
+    test = ds["test"]
+    examples = reconstruct_examples(module.ema.module.eval(), test, example_indices(test))
+    if zero_filled is None:
+        zero_filled = zero_filled_metrics(test, preset.eval_batch_size)
+    info = {
+        "model": name, "family": family, "kron_n": kron_n, "algebra": algebra if kron_n else None,
+        "acceleration": acceleration, "params": params, "gflops": gflops, "gflops_size": preset.crop,
+        "train_seconds": module.train_seconds, "steps": trainer.global_step, "preset": preset.name,
+        "batch_size": preset.batch_size, "lr": preset.lr, "loss": {"alpha": preset.alpha, "beta": preset.beta,
+                                                                    "gamma": preset.gamma},
+        "world_size": trainer.world_size, "data": "demo" if data.is_demo else str(data.root),
+        "phase_augment": preset.phase_augment, "zero_filled_start": preset.zero_filled_start,
+    }
+    result = write_results(out_dir, info, module.test_metrics, examples, zero_filled=zero_filled,
+                           history=module.history)
+    zf = result["zero_filled"]
+    print(f"{name} {acceleration}x: test SSIM {result['ssim_mean']:.4f} (zero-filled {zf['ssim_mean']:.4f}), "
+          f"PSNR {result['psnr_mean']:.2f} dB (zero-filled {zf['psnr_mean']:.2f}), {trainer.global_step} steps in "
+          f"{result['train_seconds']:.0f} s -> {out_dir / 'metrics.json'}", flush=True)
+    return result
+
+
+def run_recipe(family: str, argv: Sequence[str] | None = None, description: str = "") -> int:
+    """Entry point of ``recipes/<family>_fastmri.py``."""
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        preset = resolve_preset(args)
+        variants = list(dict.fromkeys(args.kron_n))
+        for n in variants:
+            check_variant(family, preset, n, args.algebra)
+        out = Path(args.out or f"out/{family}-{preset.name}-{args.acceleration}x")
+        data = prepare_data(args, preset, out / "split.json", args.acceleration)
+        zero_filled = zero_filled_metrics(data.datasets["test"], preset.eval_batch_size) if _is_global_zero() else None
+        start = time.perf_counter()
+        for n in variants:
+            run_out = out if len(variants) == 1 else out / variant_name(preset.model(family).zoo_name, n, args.algebra)
+            train_and_evaluate(args, preset, data, family, n, args.algebra, args.acceleration, run_out,
+                               zero_filled=zero_filled)
+        if _is_global_zero() and len(variants) > 1:
+            print(f"trained {len(variants)} variants in {time.perf_counter() - start:.0f} s under {out}")
+    except RecipeError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    return 0
+
+
+def check_variant(family: str, preset: Preset, kron_n: int, algebra: str) -> None:
+    """Validate a variant's flags before any data is built."""
+    if family not in FAMILIES or family not in preset.models:
+        raise RecipeError(f"preset {preset.name!r} has no model family {family!r}; it has {sorted(preset.models)}")
+    if kron_n < 0 or kron_n == 1:
+        raise RecipeError(f"--kron-n must be 0 (dense) or >= 2, got {kron_n}")
+    if algebra == "complex" and kron_n not in (0, 2):
+        raise RecipeError(f"--algebra complex is the n = 2 algebra; got --kron-n {kron_n}")
+
+
+if __name__ == "__main__":
+    sys.exit("run one of the recipes (e.g. recipes/unet_fastmri.py), not this shared module")
