@@ -234,7 +234,7 @@ def _plan(
         plan = _Plan(c, row, None)
         plans.append(plan)
         if is_kron(m):
-            row.kind, row.n, row.terms = _kind(m), m.n, m.terms
+            row.n, row.terms = m.n, m.terms
             row.reason = "already a Kronecker layer"
             continue
         base = _torch_base(m)
@@ -348,7 +348,6 @@ def _convert(
         transplant(target, old, new, p.candidate.paths)
         swaps.append((old, new, p.candidate.paths))
         p.row.status = "converted"
-        p.row.kind = _kind(old)
         p.row.params_after = count_params(new)
         p.row.warm_start_error = new.warm_start_error
         if _has_state_hooks(old):

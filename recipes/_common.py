@@ -88,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, variants: bool = True) -> 
     hw.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp, ddp_spawn")
     hw.add_argument("--precision", choices=PRECISIONS, default=None,
                     help="auto = bf16/16-mixed on GPUs, 32-true on CPU (preset default)")
-    parser.add_argument("--out", default=None, help="output folder (default out/<recipe>-<preset>-<acc>x)")
+    parser.add_argument("--out", default=None, help="output folder (default: a folder under out/ named after the recipe or model, the preset "
+                        "and, for single-model recipes, the acceleration)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

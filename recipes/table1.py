@@ -115,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny preset, 2 steps per model (tests)")
     parser.add_argument("--accelerations", type=int, nargs="+", choices=(4, 8), default=None,
                         help="accelerations to run (default: the preset's; demo runs 4x only)")
+    parser.set_defaults(acceleration=None)  # the shared single-run flag; table1 takes --accelerations
     args = parser.parse_args(argv)
+    if args.acceleration is not None:
+        parser.error("table1 runs several accelerations: use --accelerations 4 8 (not --acceleration)")
     if args.tiny:
         args.preset = "tiny"
         args.max_steps = args.max_steps or 2
@@ -174,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         if not lines:
             return 0
         wall = time.perf_counter() - start
-        write_table(out, args, preset, lines, csv_rows, accelerations, notes, data.is_demo, wall, argv)
+        write_table(out, preset, lines, csv_rows, accelerations, notes, data.is_demo, wall, argv)
     except RecipeError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     return 0
 
 
-def write_table(out: Path, args: argparse.Namespace, preset, lines: list[list[str]], csv_rows: list[dict],
+def write_table(out: Path, preset, lines: list[list[str]], csv_rows: list[dict],
                 accelerations: list[int], notes: list, is_demo: bool, wall: float, argv: list[str] | None) -> None:
     """table1.md (with the command, machine and caveats), table1.csv, and the table on stdout."""
     command = "python recipes/table1.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None

@@ -170,3 +170,12 @@ def test_existing_run_needs_resume(demo_root, tmp_path, capsys):
     argv[argv.index("--max-steps") + 1] = "2"  # --resume continues the finished run to a longer schedule
     assert _common.run_recipe("unet", argv + ["--resume"]) == 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 2
+
+
+def test_table1_rejects_the_single_run_acceleration_flag(capsys):
+    import table1
+
+    with pytest.raises(SystemExit) as exc:
+        table1.main(["--acceleration", "8"])
+    assert exc.value.code == 2
+    assert "use --accelerations" in capsys.readouterr().err
