@@ -149,3 +149,29 @@ def test_flops_count_attention_projections_in_eval_mode():
     flops = rep.flops(x)
     assert flops["dense"] == flops["converted"] == counter.get_total_flops() >= 2 * (2 * 5) * 16 * 16 * 4  # q, k, v, out projections
     assert torch.backends.mha.get_fastpath_enabled()  # restored
+
+
+def test_each_projection_weight_is_built_once_per_call(monkeypatch):
+    """torch's forward reads in_proj_weight several times; the factors are expanded once per call."""
+    import kronify.layers.base as base
+
+    mha = KronMultiheadAttention(8, 2, n=2)
+    x = torch.randn(3, 1, 8)
+    expected = mha(x, x, x)[0]
+    calls = []
+    real = base._kron_weight
+    monkeypatch.setattr(base, "_kron_weight", lambda A, F: calls.append(1) or real(A, F))
+    torch.testing.assert_close(mha(x, x, x)[0], expected)
+    assert len(calls) == 4  # q, k, v and out_proj
+    assert mha._packed_in_proj is None  # nothing is kept between calls
+
+
+def test_compiled_attention_matches_and_trains():
+    mha = KronMultiheadAttention(8, 2, n=2, batch_first=True)
+    x = torch.randn(2, 5, 8)
+    compiled = torch.compile(mha, backend="aot_eager")
+    y = compiled(x, x, x)[0]
+    torch.testing.assert_close(y, mha(x, x, x)[0])
+    y.sum().backward()
+    assert mha.q_proj.F.grad is not None and mha.q_proj.F.grad.abs().sum() > 0
+    assert mha._packed_in_proj is None

@@ -101,11 +101,26 @@ class KronMultiheadAttention(nn.MultiheadAttention):
                     proj.F.mul_(math.sqrt(target / var))
 
     # ---- the projections torch's forward reads ------------------------------------------------
+    _packed_in_proj: Tensor | None = None  # set only while forward runs
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any):
+        """torch's forward, with the packed q/k/v weight built once per call (torch reads it several times)."""
+        if not self._qkv_same_embed_dim:
+            return super().forward(query, key, value, *args, **kwargs)
+        self._packed_in_proj = self._pack_in_proj()
+        try:
+            return super().forward(query, key, value, *args, **kwargs)
+        finally:
+            self._packed_in_proj = None
+
+    def _pack_in_proj(self) -> Tensor:
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+
     @property
     def in_proj_weight(self) -> Tensor | None:  # type: ignore[override]
         if not self._qkv_same_embed_dim:
             return None
-        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        return self._packed_in_proj if self._packed_in_proj is not None else self._pack_in_proj()
 
     @property
     def q_proj_weight(self) -> Tensor | None:  # type: ignore[override]
