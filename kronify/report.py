@@ -78,15 +78,6 @@ class ConversionReport:
         before = sum(r.params_before for r in rows)
         return sum(r.params_after for r in rows) / before if before else math.nan
 
-    def summary(self) -> str:
-        """One line: layer counts, totals and ratios."""
-        return (
-            f"{len(self.converted)} converted, {len(self.skipped)} skipped; params "
-            f"{_fmt_int(self.params_before)} -> {_fmt_int(self.params_after)} "
-            f"(x{self.ratio:.3f} model, x{self.converted_ratio:.3f} converted layers); "
-            f"analysis: {'torch.fx' if self.traced else 'named_modules (fx failed: ' + str(self.trace_error) + ')'}"
-        )
-
     def __str__(self) -> str:
         head = ("layer", "kind", "shape", "n", "terms", "params", "-> after", "ws_err", "status")
         lines = []

@@ -260,7 +260,7 @@ def test_kron_layer_for_and_config():
         assert issubclass(kron_cls, torch_cls)
     k = KronConv1d(4, 4, 3, n=2, terms=3)
     assert k.kron_config() == {"n": 2, "terms": 3, "algebra": "learned"}
-    assert k.n == 2 and k.terms == 3 and k.algebra == "learned"
+    assert k.A.shape == (3, 2, 2) and k.F.shape == (3, 2, 2, 3) and isinstance(k.A, nn.Parameter)
     text = repr(KronConv2d(8, 16, 3, padding=1, n=4, algebra="quaternion"))
     for part in ("8, 16, kernel_size=(3, 3)", "padding=(1, 1)", "n=4", "terms=4", "algebra='quaternion'",
                  f"params={4 * 4 * 2 * 9 + 16}/{16 * 8 * 9 + 16}"):

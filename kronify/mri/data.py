@@ -397,7 +397,7 @@ class MRITransform:
         col_mask, _ = self.mask_func((*self.crop, 2), None, self._mask_seed(fname))  # as fastmri's apply_mask
         masked_k, zero_filled = fft2c_masked(target, col_mask.reshape(-1))
         scale = (zero_filled.real.square() + zero_filled.imag.square()).max().sqrt()  # = max |zero_filled|
-        if not (math.isfinite(float(scale)) and float(scale) > 0):  # an all-zero slice: leave it unscaled
+        if not (math.isfinite(s := float(scale)) and s > 0):  # an all-zero slice: leave it unscaled
             scale = torch.ones((), dtype=scale.dtype)
         inv = 1.0 / scale
         return MRISample(

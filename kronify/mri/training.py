@@ -220,8 +220,9 @@ class ReconModule(pl.LightningModule):
     # -- evaluation --------------------------------------------------------------------------------------------
     def _eval_batch(self, batch: Any, acc: MetricsAccumulator) -> tuple[Tensor, Tensor]:
         output = reconstruct(self.ema.module, batch).float()
-        loss, _ = self.loss_fn(output, batch.target.float())
-        acc.update(output, batch.target.float(), batch.fname, batch.slice_num, batch.max_value, scale=batch.scale)
+        target = batch.target.float()
+        loss, _ = self.loss_fn(output, target)
+        acc.update(output, target, batch.fname, batch.slice_num, batch.max_value, scale=batch.scale)
         return output, loss
 
     def on_validation_epoch_start(self) -> None:
@@ -475,11 +476,15 @@ class ReconDataModule(pl.LightningDataModule):
 # ---------------------------------------------------------------------------------------------------------------
 # trainer
 # ---------------------------------------------------------------------------------------------------------------
+def _uses_gpu(accelerator: str) -> bool:
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     """Lightning precision: ``auto`` = bf16-mixed (or 16-mixed) on GPUs, 32-true on CPU; AMP only on GPUs."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    gpu = _uses_gpu(accelerator)
     if precision == "auto":
         if not gpu:
             return "32-true"
@@ -514,7 +519,7 @@ def make_trainer(
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     out_dir = Path(out_dir)
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    gpu = _uses_gpu(accelerator)
     # CSV: a new version_N folder per (re)start, as Lightning's CSV writer would overwrite an existing one.
     loggers = [CSVLogger(out_dir / "logs", name="csv"),
                TensorBoardLogger(out_dir, name="logs", version="tensorboard", default_hp_metric=False)]
