@@ -10,6 +10,7 @@ i.e. torch.kron(A_t, F_t) on the first two dims, with the kernel dims carried by
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -24,10 +25,13 @@ _EMPTY_TERM_RTOL = 1e-6
 
 
 def kron_weight(A: Tensor, F: Tensor) -> Tensor:
-    """Dense weight Σ_t A_t ⊗ F_t from A (terms, n, n) and F (terms, p, q, *kernel).
+    """Dense weight Σ_t A_t ⊗ F_t from A (terms, n, n) and F (terms, p, q, *kernel); differentiable in A and F.
 
-    One matmul over the terms (an (n², terms) × (terms, p·q·k) product) followed by one
-    permuting copy into the torch.kron layout; differentiable in A and F.
+    Large weights (≥ 2²⁰ entries) are written straight into the torch.kron layout and differentiated
+    by a hand-written backward that reads the weight's gradient where it lies: one |W|-sized buffer
+    per call and no permuting copies (`_KronWeight`). Smaller weights, torch.jit.trace, torch.compile
+    and double backward use a plain composite of torch ops (one matmul and one permuting copy), whose
+    lower per-call overhead wins for small weights and which tracers and compilers fuse themselves.
     """
     if A.dim() != 3 or A.shape[1] != A.shape[2]:
         raise ValueError(f"A must have shape (terms, n, n), got {tuple(A.shape)}")
@@ -38,13 +42,93 @@ def kron_weight(A: Tensor, F: Tensor) -> Tensor:
     return _kron_weight(A, F)
 
 
+# From this many dense-weight entries on, `_KronWeight` (fewer passes over memory, no |W|-sized
+# temporaries) beats the composite, whose backward runs in C++ with a few hundred µs less per-call
+# overhead than a Python autograd.Function. On 2 CPU cores the Function was slower up to 0.6 M entries
+# and faster from 1 M on (benchmarks/layers.py reports both, "composite / Function W build ms").
+_FUNCTION_MIN_NUMEL = 1 << 20
+
+
 def _kron_weight(A: Tensor, F: Tensor) -> Tensor:
     """kron_weight without argument checks (the layers' hot path; keeps jit.trace free of warnings)."""
+    numel = A.shape[1] * A.shape[2] * (F.numel() // max(A.shape[0], 1))
+    if numel < _FUNCTION_MIN_NUMEL or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return _kron_weight_composite(A, F)
+    return _KronWeight.apply(A, F)
+
+
+def _kron_weight_composite(A: Tensor, F: Tensor) -> Tensor:
+    """Σ_t A_t ⊗ F_t as one matmul over the terms and one permuting copy (plain autograd, any order)."""
     terms, n = A.shape[0], A.shape[1]
     p, q = F.shape[1], F.shape[2]
     m = A.reshape(terms, n * n).transpose(0, 1) @ F.reshape(terms, -1)  # (n·n, p·q·k)
     w = m.view(n, n, p, q, -1).permute(0, 2, 1, 3, 4)  # (a, i, b, j, k)
     return w.reshape(n * p, n * q, *F.shape[3:])
+
+
+def _build_weight(A: Tensor, F: Tensor) -> Tensor:
+    """Σ_t A_t ⊗ F_t written into one new tensor: W viewed as (a, i, b, j·k) is Σ_t A[t,a,b]·F[t,i,j·k],
+    one broadcast multiply (then multiply-adds) per term, with no intermediate of W's size."""
+    terms, n = A.shape[0], A.shape[1]
+    p, q = F.shape[1], F.shape[2]
+    Ft = F.reshape(terms, p, 1, -1)  # (t, i, 1, j·k), broadcast over a and b
+    At = A.reshape(terms, n, 1, n, 1)
+    W = torch.empty(n, p, n, Ft.shape[-1], dtype=torch.promote_types(A.dtype, F.dtype), device=F.device)
+    torch.mul(At[0], Ft[0], out=W)
+    for t in range(1, terms):
+        W.addcmul_(At[t], Ft[t])
+    return W.view(n * p, n * q, *F.shape[3:])
+
+
+class _KronWeight(torch.autograd.Function):
+    """W = Σ_t A_t ⊗ F_t with a backward that contracts dL/dW where it lies.
+
+    With G = dL/dW viewed as (a, i, b, j·k) (a view, no copy):
+      dF[t] = Σ_{a,b} A[t, a, b] · G[a, :, b]   (n² broadcast multiply-adds into dF)
+      dA[t, a, :] = Σ_i G[a, i] @ F[t, i]ᵀ      (one batched matmul over i per row block a)
+    so the backward allocates only dF and dA, where the composite's autograd first copies G into
+    the permuted (a, b, i, j·k) order. The forward is `_build_weight`.
+    """
+
+    @staticmethod
+    def forward(A: Tensor, F: Tensor) -> Tensor:
+        return _build_weight(A, F)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def vmap(info, in_dims, A: Tensor, F: Tensor):
+        """torch.func.vmap: the composite, which vmap batches by itself."""
+        return torch.vmap(_kron_weight_composite, in_dims=in_dims)(A, F), 0
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        A, F = ctx.saved_tensors
+        need_A, need_F = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the composite instead
+            with torch.enable_grad():
+                inputs = [x for x, need in ((A, need_A), (F, need_F)) if need]
+                grads = iter(torch.autograd.grad(_kron_weight_composite(A, F), inputs, grad, create_graph=True))
+            return (next(grads) if need_A else None), (next(grads) if need_F else None)
+        terms, n, p = A.shape[0], A.shape[1], F.shape[1]
+        with torch.autocast(grad.device.type, enabled=False):
+            G = grad.reshape(n, p, n, -1)  # (a, i, b, j·k); a view when grad is contiguous
+            Ag, Fg = A.to(G.dtype), F.to(G.dtype).reshape(terms, p, -1)
+            dA = dF = None
+            if need_F:
+                dF = torch.empty(terms, p, G.shape[-1], dtype=G.dtype, device=G.device)
+                torch.mul(Ag[:, 0, 0].view(terms, 1, 1), G[0, :, 0], out=dF)
+                for a, b in itertools.product(range(n), range(n)):
+                    if a or b:
+                        dF.addcmul_(Ag[:, a, b].view(terms, 1, 1), G[a, :, b])
+                dF = dF.view(F.shape).to(F.dtype)
+            if need_A:
+                Fp = Fg.permute(1, 2, 0)  # (i, j·k, t), a strided view
+                dA = torch.stack([torch.bmm(G[a], Fp).sum(0) for a in range(n)])  # (a, b, t)
+                dA = dA.permute(2, 0, 1).to(A.dtype)
+        return dA, dF
 
 
 def check_kron_dims(rows: int, cols: int, n: int, what: str = "W") -> None:

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kronify.layers.base import KronMixin
+
 
 @dataclass
 class LayerRow:
@@ -141,7 +143,9 @@ class ConversionReport:
         `dense` is the model with every Kron layer merged back (`kronify.merge` on a copy), i.e. the
         original layer shapes. `converted` is the converted model's forward in eval mode without the
         rebuild of the dense weights from the factors (Σ A⊗F), which is paid once per weight update,
-        not per sample; that rebuild is given separately as `weight_rebuild`. Kron layers run the
+        not per sample; that rebuild is given separately as `weight_rebuild` (2·terms multiply-adds per
+        dense weight entry, summed over the Kron layers; they are elementwise ops, which
+        FlopCounterMode does not count). Kron layers run the
         dense op, so `converted` equals `dense` (FLOPs do not drop; parameters do).
         `example_inputs` is a tensor or a tuple of positional inputs.
         """
@@ -167,9 +171,10 @@ class ConversionReport:
         modes = [(m, m.training) for m in model.modules()]
         model.eval()  # Kron layers cache their dense weight in eval mode under no_grad
         try:
-            first = count(model)  # builds (and caches) every dense weight
+            count(model)  # builds (and caches) every dense weight
             converted = count(model)  # reuses the cached weights
         finally:
             for m, mode in modes:
                 m.training = mode
-        return {"dense": count(dense), "converted": converted, "weight_rebuild": first - converted}
+        rebuild = sum(m.weight_build_flops() for m in model.modules() if isinstance(m, KronMixin))
+        return {"dense": count(dense), "converted": converted, "weight_rebuild": rebuild}

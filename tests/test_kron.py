@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from kronify import KronLinear, kron_weight, nearest_kronecker
 from kronify.algebra import ALGEBRAS, algebra_matrices, resolve_algebra
-from kronify.kron import project_kronecker
+from kronify.kron import _kron_weight_composite, _KronWeight, project_kronecker
 
 PROPS = settings(max_examples=40, deadline=None)
 
@@ -48,10 +48,71 @@ def test_kron_weight_equals_sum_of_torch_kron(n, p, q, kernel, data):
     torch.testing.assert_close(W, kron_reference(A, F), rtol=1e-12, atol=1e-12)
 
 
-def test_kron_weight_is_differentiable():
+@pytest.mark.parametrize("fn", [kron_weight, _KronWeight.apply], ids=["kron_weight", "_KronWeight"])
+def test_kron_weight_is_differentiable_twice(fn):
     A = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
     F = torch.randn(3, 2, 3, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(kron_weight, (A, F))
+    assert torch.autograd.gradcheck(fn, (A, F))
+    assert torch.autograd.gradgradcheck(fn, (A, F))
+
+
+@pytest.mark.parametrize("rows, path", [(1024, "_KronWeightBackward"), (64, "UnsafeViewBackward")])
+def test_kron_weight_takes_the_function_for_large_weights_only(rows, path):
+    A = torch.randn(2, 2, 2, requires_grad=True)
+    F = torch.randn(2, rows // 2, rows // 2, requires_grad=True)  # W: rows × rows
+    W = kron_weight(A, F)
+    assert type(W.grad_fn).__name__.startswith(path)
+    torch.testing.assert_close(W, _kron_weight_composite(A, F))
+
+
+@PROPS
+@given(n=ns, p=dims, q=dims, kernel=kernels, needs=st.sampled_from(["A", "F", "both"]),
+       transposed_grad=st.booleans(), data=st.data())
+def test_kron_weight_function_backward_equals_autograd_of_torch_kron(n, p, q, kernel, needs, transposed_grad, data):
+    """The hand-written backward against autograd through the torch.kron reference, for either factor
+    alone or both, and for a non-contiguous incoming gradient."""
+    terms = data.draw(st.integers(1, n * n))
+    A = torch.randn(terms, n, n, dtype=torch.float64, requires_grad=needs in ("A", "both"))
+    F = torch.randn(terms, p, q, *kernel, dtype=torch.float64, requires_grad=needs in ("F", "both"))
+    g = torch.randn(n * q, n * p, *kernel, dtype=torch.float64)
+    g = g.transpose(0, 1) if transposed_grad else g.reshape(n * p, n * q, *kernel)
+    inputs = [x for x in (A, F) if x.requires_grad]
+    got = torch.autograd.grad(_KronWeight.apply(A, F), inputs, g)
+    want = torch.autograd.grad(kron_reference(A, F), inputs, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_kron_weight_under_vmap_and_per_sample_gradients():
+    A, Fs = torch.randn(2, 2, 2), torch.randn(3, 2, 4, 3, 3)  # 3 samples of F (terms 2, 4×3, kernel 3)
+    for fn in (kron_weight, _KronWeight.apply):
+        batched = torch.func.vmap(fn, in_dims=(None, 0))(A, Fs)
+        torch.testing.assert_close(batched, torch.stack([kron_reference(A, F) for F in Fs]))
+    lin = KronLinear(4, 6, n=2)
+    params = {k: v.detach() for k, v in lin.named_parameters()}
+    x = torch.randn(5, 4)
+
+    def loss(p, xi):
+        return torch.func.functional_call(lin, p, (xi[None],)).pow(2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in (0, 4):
+        lin.zero_grad()
+        lin(x[i : i + 1]).pow(2).sum().backward()
+        torch.testing.assert_close(per_sample["F"][i], lin.F.grad)
+        torch.testing.assert_close(per_sample["A"][i], lin.A.grad)
+
+
+def test_kron_weight_under_cpu_autocast_gives_float32_gradients():
+    A = torch.randn(2, 2, 2, requires_grad=True)
+    F = torch.randn(2, 4, 3, 3, 3, requires_grad=True)
+    x = torch.randn(1, 6, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = torch.nn.functional.conv2d(x, _KronWeight.apply(A, F))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert A.grad.dtype == F.grad.dtype == torch.float32
+    assert torch.isfinite(F.grad).all() and F.grad.abs().sum() > 0
 
 
 def test_kron_weight_bad_shapes():

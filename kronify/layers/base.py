@@ -236,10 +236,16 @@ class KronMixin:
     def _dims_desc(self) -> str:
         return ", ".join(f"{name}={getattr(self, name)}" for name in self._desc_attrs)
 
+    def _dense_weight_numel(self) -> int:
+        return self.F.shape[1] * self.F.shape[2] * self.n * self.n * math.prod(self.F.shape[3:])
+
     def dense_param_count(self) -> int:
         """Parameters of the equivalent dense torch layer (weight + bias)."""
-        w = self.F.shape[1] * self.F.shape[2] * self.n * self.n * math.prod(self.F.shape[3:])
-        return w + (self.bias.numel() if self.bias is not None else 0)
+        return self._dense_weight_numel() + (self.bias.numel() if self.bias is not None else 0)
+
+    def weight_build_flops(self) -> int:
+        """FLOPs of one build of the dense weight: 2·terms per entry (a multiply-add per term)."""
+        return 2 * self.terms * self._dense_weight_numel()
 
     def extra_repr(self) -> str:
         own = sum(p.numel() for p in self.parameters(recurse=False))
