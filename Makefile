@@ -7,6 +7,10 @@ export OMP_NUM_THREADS ?= 2
 # Passive OpenMP waiting: busy-waiting threads slow torch badly when the 2 cores are shared.
 export OMP_WAIT_POLICY ?= PASSIVE
 
+# glibc keeps freed memory instead of returning it to the OS (and faulting it back in on the next step):
+# the models benchmark runs once with the default allocator and once with these settings.
+MALLOC_BIG := 1000000000
+
 .PHONY: venv demo test bench clean
 
 venv:
@@ -25,6 +29,7 @@ bench: venv
 	$(PY) -m benchmarks.convert
 	$(PY) -m benchmarks.loader
 	$(PY) -m benchmarks.models
+	MALLOC_MMAP_THRESHOLD_=$(MALLOC_BIG) MALLOC_TRIM_THRESHOLD_=$(MALLOC_BIG) $(PY) -m benchmarks.models --stem models_malloc_tuned
 	$(PY) -m benchmarks.training
 
 clean:

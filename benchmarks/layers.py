@@ -9,7 +9,9 @@ Measured per shape:
 - train step: forward + backward + Adam step (KronConv2d vs nn.Conv2d, KronLinear vs nn.Linear);
 - merged inference: `layer.to_dense()` vs the dense layer, eval mode under no_grad;
 - weight build (forward + backward of W): `kron_weight` vs a naive baseline written from the published
-  formula W = Σ_i A_i ⊗ F_i (broadcast outer product of every term, then a sum over terms).
+  formula W = Σ_i A_i ⊗ F_i (broadcast outer product of every term, then a sum over terms), and its two
+  implementations on their own (the composite and the autograd.Function; `kron_weight` takes the Function
+  from 2²⁰ weight entries on).
 Targets (issue 2): median train-step ratio ≤ 1.05 over the shapes, none above 1.3; merged inference ≤ 1.02.
 """
 
@@ -28,6 +30,7 @@ from benchmarks._common import (
     RESULTS, best_ratio, interleaved, load_average, machine, median_ms, ratio, write_results,
 )
 from kronify import KronConv2d, KronLinear, kron_weight
+from kronify.kron import _kron_weight_composite, _KronWeight
 
 CLOCK = time.perf_counter  # wall clock; --cpu-time switches to the calling thread's CPU time
 SHAPE_BUDGET_S = 8.0  # rough time for one shape's interleaved train-step timings
@@ -104,7 +107,8 @@ def bench_shape(kind: str, channels: int, size: int, batch: int, n: int, repeats
     )
     A = kron.A.detach().clone().requires_grad_()
     F = kron.F.detach().clone().requires_grad_()
-    builds = {"kron_weight": build_fn(kron_weight, A, F), "naive": build_fn(naive_kron_weight, A, F)}
+    builds = {"kron_weight": build_fn(kron_weight, A, F), "naive": build_fn(naive_kron_weight, A, F),
+              "composite": build_fn(_kron_weight_composite, A, F), "function": build_fn(_KronWeight.apply, A, F)}
     build = interleaved(builds, repeats, clock=CLOCK)
     return {
         "kind": kind,
@@ -190,15 +194,17 @@ def markdown(result: dict) -> str:
         *oversubscription_note(result),
         "",
         "| layer | C | px | B | reps | params kron/dense | train ms dense | train ms kron | train ratio | min ratio "
-        "| merged infer ratio | kron eval ratio | W build ms | naive W build ms | W build / train |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| merged infer ratio | kron eval ratio | W build ms | composite / Function W build ms | naive W build ms "
+        "| W build / train |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['kind']} | {r['channels']} | {r['size']} | {r['batch']} | {r['repeats']} | {r['params_kron']}/{r['params_dense']} "
             f"| {r['train_ms']['dense']:.2f} | {r['train_ms']['kron']:.2f} | {r['train_ratio']:.3f} | {r['train_ratio_of_minima']:.3f} "
             f"| {r['merged_inference_ratio']:.3f} | {r['kron_eval_ratio']:.3f} "
-            f"| {r['weight_build_ms']['kron_weight']:.3f} | {r['weight_build_ms']['naive']:.3f} "
+            f"| {r['weight_build_ms']['kron_weight']:.3f} | {r['weight_build_ms']['composite']:.3f} / "
+            f"{r['weight_build_ms']['function']:.3f} | {r['weight_build_ms']['naive']:.3f} "
             f"| {r['weight_build_share_of_train']:.1%} |"
         )
     lines += ["", "## Summary", "", "| metric | target | measured | met |", "|---|---|---|---|"]
