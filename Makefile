@@ -7,8 +7,8 @@ export OMP_NUM_THREADS ?= 2
 # Passive OpenMP waiting: busy-waiting threads slow torch badly when the 2 cores are shared.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-# glibc keeps freed memory instead of returning it to the OS (and faulting it back in on the next step):
-# the models benchmark runs once with the default allocator and once with these settings.
+# With these settings glibc keeps freed memory instead of returning it to the OS and faulting it back in
+# on the next step: the models benchmark runs once with the default allocator and once with them.
 MALLOC_BIG := 1000000000
 
 .PHONY: venv demo test bench clean

@@ -67,18 +67,24 @@ def _kron_weight_composite(A: Tensor, F: Tensor) -> Tensor:
     return w.reshape(n * p, n * q, *F.shape[3:])
 
 
+def _sum_of_products(out: Tensor, products) -> Tensor:
+    """out = Σ x·y over the (x, y) pairs of `products` (broadcast to out's shape), written in place:
+    one multiply, then multiply-adds, and no temporary of out's size."""
+    (x, y), *rest = products
+    torch.mul(x, y, out=out)
+    for x, y in rest:
+        out.addcmul_(x, y)
+    return out
+
+
 def _build_weight(A: Tensor, F: Tensor) -> Tensor:
-    """Σ_t A_t ⊗ F_t written into one new tensor: W viewed as (a, i, b, j·k) is Σ_t A[t,a,b]·F[t,i,j·k],
-    one broadcast multiply (then multiply-adds) per term, with no intermediate of W's size."""
+    """Σ_t A_t ⊗ F_t written into one new tensor: W viewed as (a, i, b, j·k) is Σ_t A[t,a,b]·F[t,i,j·k]."""
     terms, n = A.shape[0], A.shape[1]
     p, q = F.shape[1], F.shape[2]
     Ft = F.reshape(terms, p, 1, -1)  # (t, i, 1, j·k), broadcast over a and b
     At = A.reshape(terms, n, 1, n, 1)
     W = torch.empty(n, p, n, Ft.shape[-1], dtype=torch.promote_types(A.dtype, F.dtype), device=F.device)
-    torch.mul(At[0], Ft[0], out=W)
-    for t in range(1, terms):
-        W.addcmul_(At[t], Ft[t])
-    return W.view(n * p, n * q, *F.shape[3:])
+    return _sum_of_products(W, zip(At, Ft)).view(n * p, n * q, *F.shape[3:])
 
 
 class _KronWeight(torch.autograd.Function):
@@ -114,19 +120,16 @@ class _KronWeight(torch.autograd.Function):
                 grads = iter(torch.autograd.grad(_kron_weight_composite(A, F), inputs, grad, create_graph=True))
             return (next(grads) if need_A else None), (next(grads) if need_F else None)
         terms, n, p = A.shape[0], A.shape[1], F.shape[1]
+        dA = dF = None
         with torch.autocast(grad.device.type, enabled=False):
             G = grad.reshape(n, p, n, -1)  # (a, i, b, j·k); a view when grad is contiguous
-            Ag, Fg = A.to(G.dtype), F.to(G.dtype).reshape(terms, p, -1)
-            dA = dF = None
             if need_F:
+                At = A.to(G.dtype).view(terms, n, n, 1, 1)
+                products = ((At[:, a, b], G[a, :, b]) for a, b in itertools.product(range(n), repeat=2))
                 dF = torch.empty(terms, p, G.shape[-1], dtype=G.dtype, device=G.device)
-                torch.mul(Ag[:, 0, 0].view(terms, 1, 1), G[0, :, 0], out=dF)
-                for a, b in itertools.product(range(n), range(n)):
-                    if a or b:
-                        dF.addcmul_(Ag[:, a, b].view(terms, 1, 1), G[a, :, b])
-                dF = dF.view(F.shape).to(F.dtype)
+                dF = _sum_of_products(dF, products).view(F.shape).to(F.dtype)
             if need_A:
-                Fp = Fg.permute(1, 2, 0)  # (i, j·k, t), a strided view
+                Fp = F.to(G.dtype).reshape(terms, p, -1).permute(1, 2, 0)  # (i, j·k, t), a strided view
                 dA = torch.stack([torch.bmm(G[a], Fp).sum(0) for a in range(n)])  # (a, b, t)
                 dA = dA.permute(2, 0, 1).to(A.dtype)
         return dA, dF

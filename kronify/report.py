@@ -143,9 +143,9 @@ class ConversionReport:
         `dense` is the model with every Kron layer merged back (`kronify.merge` on a copy), i.e. the
         original layer shapes. `converted` is the converted model's forward in eval mode without the
         rebuild of the dense weights from the factors (Σ A⊗F), which is paid once per weight update,
-        not per sample; that rebuild is given separately as `weight_rebuild` (2·terms multiply-adds per
-        dense weight entry, summed over the Kron layers; they are elementwise ops, which
-        FlopCounterMode does not count). Kron layers run the
+        not per sample; that rebuild is given separately as `weight_rebuild`: 2·terms FLOPs per dense
+        weight entry, summed over the Kron layers, counted from their shapes (large weights are built by
+        elementwise multiply-adds, which FlopCounterMode does not see). Kron layers run the
         dense op, so `converted` equals `dense` (FLOPs do not drop; parameters do).
         `example_inputs` is a tensor or a tuple of positional inputs.
         """

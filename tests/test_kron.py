@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from kronify import KronLinear, kron_weight, nearest_kronecker
 from kronify.algebra import ALGEBRAS, algebra_matrices, resolve_algebra
+import kronify.kron as kron_module
 from kronify.kron import _kron_weight_composite, _KronWeight, project_kronecker
 
 PROPS = settings(max_examples=40, deadline=None)
@@ -83,12 +84,14 @@ def test_kron_weight_function_backward_equals_autograd_of_torch_kron(n, p, q, ke
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_kron_weight_under_vmap_and_per_sample_gradients():
+def test_kron_weight_under_vmap_and_per_sample_gradients(monkeypatch):
     A, Fs = torch.randn(2, 2, 2), torch.randn(3, 2, 4, 3, 3)  # 3 samples of F (terms 2, 4×3, kernel 3)
     for fn in (kron_weight, _KronWeight.apply):
         batched = torch.func.vmap(fn, in_dims=(None, 0))(A, Fs)
         torch.testing.assert_close(batched, torch.stack([kron_reference(A, F) for F in Fs]))
+    monkeypatch.setattr(kron_module, "_FUNCTION_MIN_NUMEL", 0)  # every weight through _KronWeight
     lin = KronLinear(4, 6, n=2)
+    assert type(lin.weight.grad_fn).__name__ == "_KronWeightBackward"
     params = {k: v.detach() for k, v in lin.named_parameters()}
     x = torch.randn(5, 4)
 
