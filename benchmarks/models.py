@@ -8,7 +8,10 @@ a load-robust second figure, the ratio of the fastest runs).
 Measured:
 - train step: zero_grad + forward + MSE backward + Adam step (wall clock; also process CPU time and
   minor page faults per step);
-- merged inference: `kronify.merge(kron model)` vs the dense model, eval mode under no_grad;
+- merged inference: `kronify.merge(kron model)` vs the dense model, eval mode under no_grad (the merged
+  model is checked to have the dense model's layer classes and tensor layouts);
+- an A/A control: an exact copy of the dense model, timed alongside in both, whose ratio to the dense
+  model is the machine's noise alone;
 - parameter + gradient + Adam-state bytes, for every U-Net and SwinMR preset (they need no timing):
   4 × the bytes of the trainable parameters (param, grad, exp_avg, exp_avg_sq) — for the Kronecker
   model the factors A, F, the biases and whatever is outside Kron layers;
@@ -110,6 +113,12 @@ def metered(fn, log: list):
     return run
 
 
+def layout(model: nn.Module) -> list:
+    """Module classes and each tensor's name, shape, strides and dtype: equal layouts run the same kernels."""
+    return ([(k, type(m)) for k, m in model.named_modules()]
+            + [(k, v.shape, v.stride(), v.dtype) for k, v in model.state_dict().items()])
+
+
 def state_bytes(model: nn.Module) -> int:
     """Parameter + gradient + Adam (exp_avg, exp_avg_sq) bytes of the trainable parameters."""
     return 4 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -141,15 +150,21 @@ def bench_case(name: str, size: int, batch: int, family: str, device: torch.devi
     kron, report = zoo.create_kron(name)
     kron = kron.to(device)
     merged = kronify.merge(copy.deepcopy(kron)).to(device)
+    assert layout(merged) == layout(dense), f"merged {name} does not have the dense model's layers and layouts"
     x = torch.randn(batch, 2, size, size, device=device)
     target = torch.randn_like(x)
 
-    steps = {"dense": train_step(dense, x, target), "kron": train_step(kron, x, target)}
+    # "control" is an exact copy of the dense model: its ratio to dense (an A/A comparison) is what the
+    # machine's noise alone makes of two identical models, the yardstick for the Kron and merged ratios.
+    control = copy.deepcopy(dense)
+    steps = {"dense": train_step(dense, x, target), "control": train_step(control, x, target),
+             "kron": train_step(kron, x, target)}
     meters = {k: [] for k in steps}
     train = interleaved({k: metered(steps[k], meters[k]) for k in steps}, repeats, warmup=WARMUP)
     cpu = {k: [c for c, _ in v[WARMUP:]] for k, v in meters.items()}
     faults = {k: statistics.median(f for _, f in v[WARMUP:]) for k, v in meters.items()}
-    infer = interleaved({"dense": inference(dense, x), "merged": inference(merged, x)}, 2 * repeats)
+    infer = interleaved({"dense": inference(dense, x), "control": inference(control, x),
+                         "merged": inference(merged, x)}, 2 * repeats)
     dense.train()
     peaks = {k: peak_step_bytes(steps[k], device) for k in ("dense", "kron")}
     row = {
@@ -158,11 +173,14 @@ def bench_case(name: str, size: int, batch: int, family: str, device: torch.devi
         "train_step_ms": median_ms(train),
         "train_ratio": ratio(train, "kron", "dense"),
         "train_ratio_best": best_ratio(train, "kron", "dense"),
+        "train_ratio_control": ratio(train, "control", "dense"),
         "train_cpu_ratio": ratio(cpu, "kron", "dense"),
+        "train_cpu_ratio_control": ratio(cpu, "control", "dense"),
         "train_page_faults": faults,
         "inference_ms": median_ms(infer),
         "merged_inference_ratio": ratio(infer, "merged", "dense"),
         "merged_inference_ratio_best": best_ratio(infer, "merged", "dense"),
+        "inference_ratio_control": ratio(infer, "control", "dense"),
         "peak_step_bytes": peaks,
         "peak_ratio": peaks["kron"] / peaks["dense"] if peaks["dense"] else float("nan"),
         "seconds": time.perf_counter() - start,
@@ -185,9 +203,14 @@ def state_case(name: str) -> dict:
     in_kron = {id(p) for m in kron.modules() if is_kron(m) for p in m.parameters(recurse=False)}
     outside = sum(p.numel() for p in kron.parameters() if id(p) not in in_kron)
     bytes_ = {"dense": state_bytes(dense), "kron": state_bytes(kron)}
-    row = {"model": name, "param_optimizer_bytes": bytes_, "param_optimizer_ratio": bytes_["kron"] / bytes_["dense"],
-           "outside_kron_share": outside / sum(p.numel() for p in dense.parameters())}
+    share = outside / sum(p.numel() for p in dense.parameters())
+    n = zoo.kron_settings(name)["n"]
+    row = {"model": name, "n": n, "param_optimizer_bytes": bytes_,
+           "param_optimizer_ratio": bytes_["kron"] / bytes_["dense"], "outside_kron_share": share,
+           "floor": share + (1 - share) / n}
     row["meets"] = row["param_optimizer_ratio"] <= TARGETS["param_optimizer_ratio"]
+    # A preset whose floor is above the target cannot meet it by any Kronecker conversion at this n.
+    row["reachable"] = row["floor"] <= TARGETS["param_optimizer_ratio"]
     return row
 
 
@@ -203,9 +226,9 @@ def to_markdown(result: dict) -> str:
         f"Repeats: {result['repeats']} train steps, {2 * result['repeats']} inferences (interleaved, ABBA); quick: {result['quick']}; total {result['seconds']:.0f} s.",
         "",
         "| model | device | size×batch | params dense → kron | train step ms dense / kron | train ratio (best) | "
-        "train CPU-time ratio | page faults per step dense / kron | merged infer ratio (best) | "
-        "peak step MB dense / kron (ratio) | targets met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "train A/A | train CPU-time ratio (A/A) | page faults per step dense / kron | merged infer ratio (best) | "
+        "infer A/A | peak step MB dense / kron (ratio) | targets met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mb = lambda b: b / 2**20  # noqa: E731
     for r in result["rows"]:
@@ -214,21 +237,24 @@ def to_markdown(result: dict) -> str:
         lines.append(
             f"| {r['model']} | {r['device']} | {r['size']}²×{r['batch']} | {r['params']['dense']:,} → "
             f"{r['params']['kron']:,} | {r['train_step_ms']['dense']:.1f} / {r['train_step_ms']['kron']:.1f} | "
-            f"{r['train_ratio']:.3f} ({r['train_ratio_best']:.3f}) | {r['train_cpu_ratio']:.3f} | "
+            f"{r['train_ratio']:.3f} ({r['train_ratio_best']:.3f}) | {r['train_ratio_control']:.3f} | "
+            f"{r['train_cpu_ratio']:.3f} ({r['train_cpu_ratio_control']:.3f}) | "
             f"{pf['dense']:,.0f} / {pf['kron']:,.0f} | {r['merged_inference_ratio']:.3f} "
-            f"({r['merged_inference_ratio_best']:.3f}) | {mb(pk['dense']):.1f} / {mb(pk['kron']):.1f} "
+            f"({r['merged_inference_ratio_best']:.3f}) | {r['inference_ratio_control']:.3f} | "
+            f"{mb(pk['dense']):.1f} / {mb(pk['kron']):.1f} "
             f"({r['peak_ratio']:.3f}) | {met} |")
     lines += [
         "",
         "Parameter + gradient + Adam-state bytes (they do not depend on the input, so every preset is listed):",
         "",
-        "| model | dense MB | kron MB | ratio | parameters outside Kron layers | ≤ target |",
-        "|---|---|---|---|---|---|",
+        "| model | dense MB | kron MB | ratio | parameters outside Kron layers | floor s + (1 − s)/n | ≤ target |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in result["state_rows"]:
         pb = r["param_optimizer_bytes"]
+        verdict = "yes" if r["meets"] else ("NO" if r["reachable"] else "unreachable: floor above target")
         lines.append(f"| {r['model']} | {mb(pb['dense']):.2f} | {mb(pb['kron']):.2f} | {r['param_optimizer_ratio']:.3f} "
-                     f"| {100 * r['outside_kron_share']:.1f}% | {'yes' if r['meets'] else 'NO'} |")
+                     f"| {100 * r['outside_kron_share']:.1f}% | {r['floor']:.3f} | {verdict} |")
     lines += [
         "",
         f"Targets: train ratio ≤ {TARGETS['train_ratio']['unet']} (U-Net), ≤ {TARGETS['train_ratio']['swinmr']} "
@@ -239,8 +265,12 @@ def to_markdown(result: dict) -> str:
         "wall-clock ratio. The CPU-time ratio (process user + system time, all threads) is the same median for "
         "CPU time, which other processes' load does not inflate; page faults are the median minor faults of a "
         "step (the C allocator faulting freed memory back in; its malloc settings are in the machine line).",
+        "A/A: the same median ratio for an exact copy of the dense model timed alongside (control / dense): how "
+        "far from 1.000 the machine's noise alone puts two identical models, the yardstick for the other ratios. "
+        "A merged model has the dense model's layer classes and weight layouts, so its ratio is an A/A comparison too.",
         "Parameters outside Kron layers (norms, relative-position-bias tables) stay dense at any n, so a model "
-        "whose share of them is s cannot go below about s + (1 − s)/n.",
+        "whose share of them is s cannot go below s + (1 − s)/n; where that floor is above the target (the tiny "
+        "demo SwinMR, 6% of it norms and bias tables) no conversion at that n can meet it.",
         "Peak memory on CPU: torch.profiler memory timeline (all live tensors by category) over one training "
         "step after a warm-up step; on CUDA: torch.cuda.max_memory_allocated.",
     ]
@@ -255,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="result file names (benchmarks/results/STEM.json and .md); e.g. a run under other "
                              "malloc settings (see the Makefile's bench target) keeps its own files")
     args = parser.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 6)
+    repeats = args.repeats or (3 if args.quick else 12)
     cases = [(c, torch.device("cpu")) for c in (QUICK_CASES if args.quick else CPU_CASES)]
     info = machine()
     info["omp"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
