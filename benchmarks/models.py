@@ -150,7 +150,8 @@ def bench_case(name: str, size: int, batch: int, family: str, device: torch.devi
     kron, report = zoo.create_kron(name)
     kron = kron.to(device)
     merged = kronify.merge(copy.deepcopy(kron)).to(device)
-    assert layout(merged) == layout(dense), f"merged {name} does not have the dense model's layers and layouts"
+    if layout(merged) != layout(dense):
+        raise RuntimeError(f"merged {name} does not have the dense model's layer classes and tensor layouts")
     x = torch.randn(batch, 2, size, size, device=device)
     target = torch.randn_like(x)
 

@@ -170,11 +170,14 @@ class ConversionReport:
         model = self.model
         modes = [(m, m.training) for m in model.modules()]
         model.eval()  # Kron layers cache their dense weight in eval mode under no_grad
+        kron_layers = [m for m in model.modules() if isinstance(m, KronMixin)]
         try:
-            count(model)  # builds (and caches) every dense weight
-            converted = count(model)  # reuses the cached weights
+            with torch.no_grad():
+                for m in kron_layers:
+                    m.weight  # noqa: B018 -- builds and caches the dense weight, so `count` sees none built
+            converted = count(model)
         finally:
             for m, mode in modes:
                 m.training = mode
-        rebuild = sum(m.weight_build_flops() for m in model.modules() if isinstance(m, KronMixin))
+        rebuild = sum(m.weight_build_flops() for m in kron_layers)
         return {"dense": count(dense), "converted": converted, "weight_rebuild": rebuild}
