@@ -244,6 +244,7 @@ def train_and_evaluate(
         "batch_size": preset.batch_size, "lr": preset.lr, "loss": {"alpha": preset.alpha, "beta": preset.beta,
                                                                     "gamma": preset.gamma},
         "world_size": trainer.world_size, "data": "demo" if data.is_demo else str(data.root),
+        "data_root": str(data.root.resolve()), "test_files": test.files,  # for recipes/evaluate.py
         "phase_augment": preset.phase_augment, "zero_filled_start": preset.zero_filled_start,
     }
     result = write_results(out_dir, info, module.test_metrics, examples, zero_filled=zero_filled,
