@@ -4,6 +4,10 @@ kronify keeps complex images channel-first, ``(..., 2, H, W)`` with (real, imag)
 convolutions directly; fastMRI keeps them channel-last, ``(..., H, W, 2)``. These helpers convert between
 the two and wrap fastMRI's centred, orthonormal FFTs (``fastmri.fft2c`` / ``fastmri.ifft2c``) for the
 channel-first layout.
+
+Every FFT here runs in float32 (or float64) whatever the input dtype: a network run under bf16/fp16 autocast
+hands over half-precision outputs, which ``fastmri.fft2c`` rejects (no bf16 complex type) and which would lose
+most of k-space's dynamic range in fp16. :func:`fft_precision` does the upcast; the results stay float32.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import Tensor
 __all__ = [
     "fft2c",
     "fft2c_masked",
+    "fft_precision",
     "from_complex",
     "from_fastmri",
     "ifft2c",
@@ -58,14 +63,26 @@ def from_complex(z: Tensor) -> Tensor:
     return torch.stack((z.real, z.imag), dim=-3)
 
 
+_FFT_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.complex32: torch.complex64}
+
+
+def fft_precision(x: Tensor) -> Tensor:
+    """``x`` in single precision when it is in half precision (float16, bfloat16, complex32; e.g. a network's
+    output under autocast), else unchanged: the precision every FFT of this package runs in."""
+    dtype = _FFT_DTYPES.get(x.dtype)
+    return x if dtype is None else x.to(dtype)
+
+
 def fft2c(x: Tensor) -> Tensor:
-    """Centred orthonormal 2D FFT (``fastmri.fft2c``) of a channel-first complex image (..., 2, H, W)."""
-    return from_fastmri(fastmri.fft2c(to_fastmri(x)))
+    """Centred orthonormal 2D FFT (``fastmri.fft2c``) of a channel-first complex image (..., 2, H, W),
+    computed in float32 at least (see :func:`fft_precision`)."""
+    return from_fastmri(fastmri.fft2c(to_fastmri(fft_precision(x))))
 
 
 def ifft2c(k: Tensor) -> Tensor:
-    """Centred orthonormal inverse 2D FFT (``fastmri.ifft2c``) of channel-first k-space (..., 2, H, W)."""
-    return from_fastmri(fastmri.ifft2c(to_fastmri(k)))
+    """Centred orthonormal inverse 2D FFT (``fastmri.ifft2c``) of channel-first k-space (..., 2, H, W),
+    computed in float32 at least (see :func:`fft_precision`)."""
+    return from_fastmri(fastmri.ifft2c(to_fastmri(fft_precision(k))))
 
 
 def magnitude(x: Tensor) -> Tensor:
@@ -101,7 +118,7 @@ def ifft2c_crop(kspace: Tensor, crop: tuple[int, int]) -> Tensor:
     """
     if not kspace.is_complex():
         raise ValueError(f"expected a complex-dtype k-space (..., H, W), got dtype {kspace.dtype}")
-    x, sign = kspace, None
+    x, sign = fft_precision(kspace), None
     for dim, size in ((-2, crop[0]), (-1, crop[1])):
         n = x.shape[dim]
         if not 0 < size <= n:
@@ -134,6 +151,7 @@ def fft2c_masked(image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """
     if not image.is_complex():
         raise ValueError(f"expected a complex-dtype image (..., H, W), got dtype {image.dtype}")
+    image = fft_precision(image)
     height, width = image.shape[-2:]
     if height % 2 == 0 and width % 2 == 0:
         c, sc = _chequerboard(height, width)

@@ -1,25 +1,36 @@
-"""The composite reconstruction loss of SwinMR (the paper's eq. 3).
+"""The composite reconstruction loss of the paper (its eq. 3), as the official code computes it.
 
-    L = α · Charbonnier(image) + β · Charbonnier(k-space) + γ · VGG19 perceptual
+    L = α · Charbonnier(image) + β · ½ [Charbonnier(Re F|x|, Re F|y|) + Charbonnier(Im F|x|, Im F|y|)]
+        + γ · VGG19 perceptual(|x|, |y|)
 
-with SwinMR's defaults α = 15, β = 0.1, γ = 0.0025, Charbonnier ε = 1e-9 (ayanglab/SwinMR,
-``options/SwinMR/train_swinmr_*.json`` and ``models/loss.py``). Inputs are channel-first complex images
-(B, 2, H, W) in the network's normalized units.
+with the official defaults α = 15, β = 0.1, γ = 0.0025, Charbonnier ε = 1e-9 (Whethe/HyperKron-MRI-Recon,
+``options/*/train_*.json``; ``models/model/model_e2e_ir_m16.py`` ``total_loss``, ``models/loss.py``,
+``utils/utils_fourier.py`` ``fft_map``; the same as SwinMR's). Inputs are channel-first complex images
+(B, 2, H, W) in the network's normalized units; x the output, y the target.
 
 - Image term: Charbonnier on the 2-channel complex image.
-- Frequency term: Charbonnier on the real and imaginary parts of the image's centered orthonormal 2D FFT
-  (``fastmri.fft2c`` via :func:`kronify.mri.complex.fft2c`), the same k-space convention as the data.
-  (SwinMR uses an uncentered, unnormalized ``torch.fft.fftn``; we keep the data's convention so β acts on
-  the k-space the pipeline measures.)
-  SwinMR averages the real and imaginary Charbonnier means; with equal sizes that is the joint mean used here.
-- Perceptual term, as SwinMR's ``PerceptualLoss``: L1 between VGG19 features taken before the ReLU at
+- Frequency term: F is the *unnormalised*, uncentred 2-D FFT (``torch.fft.fft2``) of each image's magnitude
+  |x|; Charbonnier on its real parts and on its imaginary parts, averaged. Unnormalised means the spectrum's
+  entries are ~sqrt(H·W) times the orthonormal ones, which is what gives β = 0.1 its weight: on a 4×
+  zero-filled 96×96 demo slice β·freq is ~45 % of α·image (0.5 % with the orthonormal FFT of the complex
+  image, this package's earlier version). Centring would only permute the entries, which a mean ignores.
+  The official code calls ``torch.fft.fftn`` on the (B, 1, H, W) magnitudes with no ``dim``, so it also
+  transforms the batch (and the size-1 channel) axis: each sample's term then depends on which other samples
+  share its batch, and the term's size on the batch size (~sqrt(B) for errors uncorrelated across the batch).
+  We transform each image on its own, so the loss of a sample is the same in any batch and on any number of
+  processes (a global batch split over GPUs gives the same training).
+- Perceptual term, as the official ``PerceptualLoss``: L1 between VGG19 features taken before the ReLU at
   conv1_2, conv2_2, conv3_4, conv4_4, conv5_4 (``features`` indices 2, 7, 16, 25, 34), weights
-  0.1, 0.1, 1, 1, 1, on ImageNet mean/std-normalized input. SwinMR feeds its one-channel magnitude image in
-  [0, 1]; the normalization broadcasts it to 3 channels. We feed the magnitude |x| divided by the per-sample max
-  of the target magnitude (so the range is [0, ~1] whatever the data scale), replicated to 3 channels.
+  0.1, 0.1, 1, 1, 1, on ImageNet mean/std-normalized input. The official code feeds the one-channel magnitude
+  image, whose slice maximum is 1 under its normalisation; the normalization broadcasts it to 3 channels. We
+  feed |x| divided by the per-sample max of the target magnitude (the same thing when that max is 1; [0, ~1] for
+  any other data scale), replicated to 3 channels.
 
-Charbonnier here is ``mean(sqrt(d² + ε)) − sqrt(ε)``: the constant shift makes identical inputs give exactly 0
-and leaves the gradients identical to SwinMR's.
+Charbonnier is the official ``mean(sqrt(d² + ε))`` (ε added to d², not squared) minus ``sqrt(ε)``: the constant
+shift (3.2e-5 per term) makes identical inputs give exactly 0 and leaves the gradients identical.
+
+The loss runs in float32 at least: half-precision inputs (a network's output under autocast) are upcast, so the
+FFT never sees bf16/fp16 (:func:`kronify.mri.complex.fft_precision`).
 
 The VGG19 is frozen, in eval mode, and deliberately *not* a registered submodule: it is absent from
 ``state_dict()``/``parameters()`` of any module holding the loss (so it stays out of checkpoints and
@@ -34,10 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kronify.mri.complex import fft2c, to_complex
+from kronify.mri.complex import fft_precision, to_complex
 from kronify.mri.weights import VGG19, load_backbone_state_dict
 
-__all__ = ["CompositeLoss", "VGGPerceptualLoss", "build_vgg19_features", "charbonnier"]
+__all__ = ["CompositeLoss", "VGGPerceptualLoss", "build_vgg19_features", "charbonnier", "magnitude_spectrum"]
 
 VGG_LAYERS = (2, 7, 16, 25, 34)  # conv1_2, conv2_2, conv3_4, conv4_4, conv5_4 (before their ReLU)
 VGG_LAYER_WEIGHTS = (0.1, 0.1, 1.0, 1.0, 1.0)
@@ -50,6 +61,12 @@ def charbonnier(x: Tensor, y: Tensor, eps: float = 1e-9) -> Tensor:
     diff = x - y
     floor = torch.sqrt(torch.full((), eps, dtype=diff.dtype, device=diff.device))
     return (torch.sqrt(diff * diff + eps) - floor).mean()
+
+
+def magnitude_spectrum(x: Tensor) -> Tensor:
+    """F|x|: the unnormalised, uncentred 2-D FFT of each image's magnitude, (B, 2, H, W) -> complex (B, H, W),
+    in float32 at least. |x| is the complex modulus (its gradient is 0, not NaN, where x = 0)."""
+    return torch.fft.fft2(to_complex(fft_precision(x)).abs())
 
 
 def build_vgg19_features(weights_path: str | os.PathLike | None = None) -> nn.Sequential:
@@ -118,7 +135,8 @@ class VGGPerceptualLoss(nn.Module):
 
 
 class CompositeLoss(nn.Module):
-    """α·Charbonnier(image) + β·Charbonnier(k-space) + γ·VGG19 perceptual, for (B, 2, H, W) complex images.
+    """α·Charbonnier(image) + β·½[Charbonnier(Re F|x|) + Charbonnier(Im F|x|)] + γ·VGG19 perceptual(|x|), for
+    (B, 2, H, W) complex images (see the module docstring for F and the conventions).
 
     ``forward(output, target) -> (total, terms)`` where ``terms`` holds the unweighted, detached
     ``image``, ``freq`` and ``perceptual`` values (for logging); ``perceptual`` is 0 when γ = 0.
@@ -160,7 +178,6 @@ class CompositeLoss(nn.Module):
 
     def _perceptual(self, output: Tensor, target: Tensor) -> Tensor:
         vgg = self.perceptual
-        target = target.to(output.dtype)
         if vgg.mean.device != output.device or vgg.mean.dtype != output.dtype:
             vgg.to(device=output.device, dtype=output.dtype)
         out_mag = to_complex(output).abs().unsqueeze(1)  # complex abs: gradient 0 (not NaN) at 0
@@ -172,8 +189,12 @@ class CompositeLoss(nn.Module):
         if output.shape != target.shape or output.dim() != 4 or output.shape[1] != 2:
             raise ValueError(f"expected output and target shaped (B, 2, H, W), got {tuple(output.shape)} "
                              f"and {tuple(target.shape)}")
+        output = fft_precision(output)
+        target = target.to(output.dtype)
         image = charbonnier(output, target, self.eps)
-        freq = charbonnier(fft2c(output), fft2c(target), self.eps)
+        spec_out, spec_tgt = magnitude_spectrum(output), magnitude_spectrum(target)
+        freq = 0.5 * (charbonnier(spec_out.real, spec_tgt.real, self.eps)
+                      + charbonnier(spec_out.imag, spec_tgt.imag, self.eps))
         total = self.alpha * image + self.beta * freq
         if self.perceptual is not None:
             perc = self._perceptual(output, target)
