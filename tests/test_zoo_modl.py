@@ -3,13 +3,17 @@ right limits in λ, and kronify.convert keeps the unrolled denoiser one shared m
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kronify
 import zoo
 from zoo.modl import (CartesianSingleCoil, MoDL, ResidualDenoiser, conjugate_gradient, dc_cg, dc_closed_form,
-                      fft2c, ifft2c)
+                      fft2c, ifft2c, modl_demo)
 
 
 def problem(seed: int = 0, h: int = 12, w: int = 10, batch: int = 2):
@@ -84,10 +88,10 @@ def test_cg_mode_matches_closed_form_mode():
 def test_conversion_keeps_the_denoiser_shared_and_lambda_untouched():
     torch.manual_seed(0)
     model = zoo.create("modl")
-    lam = model.lam
+    lam = model.lam_raw
     settings = {k: v for k, v in zoo.kron_settings("modl").items() if v is not None}
     report = kronify.convert(model, **settings)
-    assert report.model is model and model.lam is lam and lam.item() == pytest.approx(0.05)
+    assert report.model is model and model.lam_raw is lam and model.lam.item() == pytest.approx(0.05)
     denoisers = [m for m in model.modules() if isinstance(m, ResidualDenoiser)]
     assert len(denoisers) == 1
     assert len(report.converted) == 5 and not report.skipped
@@ -108,3 +112,82 @@ def test_registry_kron_modl_has_the_same_lambda():
     model = zoo.create("kron_modl_demo")
     assert isinstance(model, MoDL) and model.lam.item() == pytest.approx(0.05)
     assert model.lam.requires_grad
+
+
+# -- λ stays positive ------------------------------------------------------------------------------------------
+@settings(max_examples=20, deadline=None)
+@given(lam_init=st.floats(1e-4, 50.0))
+def test_lambda_is_softplus_of_its_parameter_and_starts_at_lam_init(lam_init):
+    model = modl_demo(lam_init=lam_init)  # float32 parameter
+    raw = model.lam_raw.item()
+    assert math.log1p(math.exp(raw)) == pytest.approx(lam_init, rel=1e-6)
+    assert model.lam.item() == pytest.approx(lam_init, rel=1e-6)
+    (grad,) = torch.autograd.grad(model.lam, model.lam_raw)
+    assert grad.item() == pytest.approx(1 / (1 + math.exp(-raw)), rel=1e-6)  # dλ/draw = sigmoid(raw)
+
+
+def test_lambda_stays_positive_under_a_step_that_would_make_it_negative():
+    model = modl_demo()
+    raw = model.lam_raw.item()
+    opt = torch.optim.SGD(model.parameters(), lr=100.0)
+    model.lam.backward()  # dλ/dλ = 1: this SGD step on a plain λ would give 0.05 - 100 < 0
+    opt.step()
+    assert model.lam_raw.item() == pytest.approx(raw - 100.0 / (1 + math.exp(-raw)), rel=1e-6)
+    assert model.lam_raw.item() < -5 and 0 < model.lam.item() < 0.01
+    z, mask, kspace = problem()
+    out = model.double().data_consistency(z, mask, kspace)
+    torch.testing.assert_close(out, dc_closed_form(z, kspace, mask, model.lam.detach()))
+    assert torch.isfinite(out).all()
+
+
+def test_bad_lam_init_is_named():
+    with pytest.raises(ValueError, match="lam_init must be > 0"):
+        MoDL(lam_init=0.0)
+
+
+def test_state_dict_with_plain_lambda_loads_as_that_lambda():
+    """A checkpoint from before the softplus parameterisation holds λ itself under ``lam``; it loads to the same λ,
+    also nested (e.g. the EMA copy inside a training module), and a non-positive one is a clear error."""
+    torch.manual_seed(0)
+    source = modl_demo()
+    old = {k: v for k, v in source.state_dict().items() if k != "lam_raw"}
+    old["lam"] = torch.tensor(0.3)
+    model = modl_demo()
+    model.load_state_dict(old)
+    assert model.lam.item() == pytest.approx(0.3, rel=1e-6)
+    torch.testing.assert_close(model.denoiser.net[0].weight, source.denoiser.net[0].weight)
+    nested = torch.nn.ModuleDict({"ema": modl_demo()})
+    nested.load_state_dict({f"ema.{k}": v for k, v in old.items()})
+    assert nested["ema"].lam.item() == pytest.approx(0.3, rel=1e-6)
+    before = model.lam.item()
+    with pytest.raises(ValueError, match=r"'lam' = -0.2.*must be > 0"):
+        model.load_state_dict({**old, "lam": torch.tensor(-0.2)})
+    assert model.lam.item() == before
+    assert old["lam"].item() == pytest.approx(0.3) and "lam_raw" not in old  # the caller's dict is untouched
+
+
+# -- half precision ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dc", ["closed_form", "cg"])
+def test_training_step_under_cpu_bf16_autocast(dc):
+    """Under bf16 autocast the denoiser runs in bf16 and every FFT (data consistency, loss) in float32: a training
+    step works (fastmri.fft2c rejects bf16) and its output stays close to the float32 model's."""
+    from kronify.mri.losses import CompositeLoss
+
+    torch.manual_seed(0)
+    model = MoDL(iterations=2, features=16, dc=dc, cg_iterations=5)
+    x, mask, kspace = zoo.example_inputs(model, (16, 12))
+    target = x + 0.1 * torch.randn_like(x)
+    with torch.no_grad():
+        reference = model(x, mask, kspace)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, mask, kspace)
+        loss, _ = CompositeLoss(gamma=0)(out, target)
+    loss.backward()
+    assert out.dtype == torch.float32 and loss.dtype == torch.float32
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.lam_raw.grad is not None and model.denoiser.net[0].weight.grad.abs().sum() > 0
+    torch.testing.assert_close(out.detach(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+    # an FFT handed bf16 tensors (as the denoiser outputs them) computes in float32
+    z = torch.randn(1, 2, 8, 6).to(torch.bfloat16)
+    torch.testing.assert_close(fft2c(z), fft2c(z.float()))
+    torch.testing.assert_close(ifft2c(z), ifft2c(z.float()))

@@ -6,7 +6,13 @@ Each iteration: z = D(x) (a 5-layer residual CNN), then data consistency
 For single-coil Cartesian sampling A = M F (F the centred orthonormal 2-D FFT, fastmri's fft2c), the
 solve is diagonal in k-space: on sampled columns k = (y + λ F z) / (1 + λ), elsewhere k = F z.
 A conjugate-gradient solver handles a general forward operator. Tensors are channel-first (B, 2, H, W)
-(real, imaginary); the mask is (B, 1, 1, W) and broadcasts.
+(real, imaginary); the mask is (B, 1, 1, W) and broadcasts. The FFTs are kronify.mri.complex's, which run in
+float32 even when the denoiser runs in bf16/fp16 under autocast.
+
+λ is kept positive (the normal equations need λ > 0; a plain parameter can be pushed through 0 by one large
+step): the model holds ``lam_raw`` and uses ``lam = softplus(lam_raw)``, with ``lam_raw`` initialised so that
+``lam`` starts at ``lam_init``. A state dict saved before this change (a ``lam`` entry holding λ itself) is
+converted on load (``lam_raw = softplus⁻¹(lam)``), so such checkpoints behave as they did.
 
 Parameter count of the MoDL paper's denoiser (2→64→64→64→64→2, 3×3, bias, BatchNorm on the first four
 layers): convs 1,216 + 3·36,928 + 1,154 = 113,154, BatchNorm 4·128 = 512, λ 1: 113,667 (≈ 113.7 k).
@@ -16,23 +22,23 @@ from __future__ import annotations
 
 from typing import Callable
 
-import fastmri
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from kronify.mri.complex import fft2c, ifft2c  # fastmri's centred orthonormal FFTs, channel-first, in float32
 
 # The Kronecker version (`kron_modl`): every conv of the shared denoiser at n = 2 (2→64 and 64→2 divide
-# by 2). λ is a plain parameter outside any layer and stays as it is; the denoiser stays one shared module.
+# by 2). λ (its parameter `lam_raw`) is outside any layer and stays as it is; the denoiser stays one shared module.
 KRON_SETTINGS: dict = dict(n=2, exclude=None, overrides=None)
 
-
-def fft2c(x: torch.Tensor) -> torch.Tensor:
-    """Centred orthonormal 2-D FFT (fastmri.fft2c) of a channel-first (…, 2, H, W) complex image."""
-    return fastmri.fft2c(x.movedim(-3, -1)).movedim(-1, -3)
+__all__ = ["CartesianSingleCoil", "MoDL", "ResidualDenoiser", "conjugate_gradient", "dc_cg", "dc_closed_form",
+           "fft2c", "ifft2c", "inverse_softplus", "modl", "modl_demo"]
 
 
-def ifft2c(k: torch.Tensor) -> torch.Tensor:
-    """Inverse of `fft2c` for channel-first (…, 2, H, W) k-space."""
-    return fastmri.ifft2c(k.movedim(-3, -1)).movedim(-1, -3)
+def inverse_softplus(value: torch.Tensor) -> torch.Tensor:
+    """softplus⁻¹(value) = value + log(1 − e^(−value)) for value > 0: the raw parameter whose softplus is value."""
+    return value + torch.log(-torch.expm1(-value))
 
 
 class CartesianSingleCoil:
@@ -126,8 +132,16 @@ class MoDL(nn.Module):
         if in_chans != 2:
             raise ValueError(f"MoDL works on complex images as 2 channels (real, imag); got in_chans={in_chans}")
         self.in_chans, self.iterations, self.dc, self.cg_iterations = in_chans, iterations, dc, cg_iterations
+        if not lam_init > 0:
+            raise ValueError(f"lam_init must be > 0, got {lam_init}")
         self.denoiser = ResidualDenoiser(in_chans, features, layers)
-        self.lam = nn.Parameter(torch.tensor(float(lam_init)))
+        self.lam_raw = nn.Parameter(inverse_softplus(torch.tensor(float(lam_init))))
+        self.register_load_state_dict_pre_hook(_lam_from_old_state_dict)
+
+    @property
+    def lam(self) -> torch.Tensor:
+        """λ = softplus(lam_raw), always > 0."""
+        return F.softplus(self.lam_raw)
 
     def data_consistency(self, z: torch.Tensor, mask: torch.Tensor, kspace: torch.Tensor) -> torch.Tensor:
         if self.dc == "closed_form":
@@ -138,6 +152,19 @@ class MoDL(nn.Module):
         for _ in range(self.iterations):
             x = self.data_consistency(self.denoiser(x), mask, kspace)
         return x
+
+
+def _lam_from_old_state_dict(module: MoDL, state_dict: dict, prefix: str, *args) -> None:
+    """Load-state-dict pre-hook: a ``lam`` entry (λ itself, as saved before the softplus parameterisation) becomes
+    ``lam_raw = softplus⁻¹(lam)``; a non-positive λ cannot be represented and is an error naming the key."""
+    old, new = prefix + "lam", prefix + "lam_raw"
+    if old not in state_dict or new in state_dict:
+        return
+    lam = state_dict[old]
+    if not bool((lam > 0).all()):
+        raise ValueError(f"state dict entry {old!r} = {lam.tolist()}: MoDL's λ must be > 0 (it is now "
+                         f"softplus({new}))")
+    state_dict[new] = inverse_softplus(state_dict.pop(old).to(module.lam_raw.dtype))
 
 
 def modl(**kwargs) -> MoDL:
