@@ -13,12 +13,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from zoo import efficient_unet, lbunet, modl, swinmr, unet
+from zoo import efficient_unet, lbunet, modl, swinmr, unet, unet_ddpm
 
 # name -> (factory, the module that states that family's KRON_SETTINGS)
 _MODELS: dict[str, tuple[Callable[..., nn.Module], Any]] = {
     "unet": (unet.unet, unet),
     "unet_demo": (unet.unet_demo, unet),
+    "unet_ddpm": (unet_ddpm.unet_ddpm, unet_ddpm),
+    "unet_ddpm_demo": (unet_ddpm.unet_ddpm_demo, unet_ddpm),
+    "unet_ddpm_tiny": (unet_ddpm.unet_ddpm_tiny, unet_ddpm),
     "swinmr": (swinmr.swinmr, swinmr),
     "swinmr_paper": (swinmr.swinmr_paper, swinmr),
     "swinmr_demo": (swinmr.swinmr_demo, swinmr),

@@ -1,4 +1,4 @@
-"""`python -m zoo.summary [--size 320] [--json] [--models NAME[:key=value,...] ...] [--n N]`
+"""`python -m zoo.summary [--size 320] [--json] [--models NAME[:key=value,...] ...] [--n N] [--paper]`
 
 For each model and its Kronecker version (`kronify.convert` with the model's KRON_SETTINGS): parameters,
 GFLOPs of one 2×size×size slice, the Kronecker/dense parameter ratio, the layers left dense, and the
@@ -9,6 +9,9 @@ attention; FFTs and elementwise ops are not counted). The forward runs on the me
 shapes are computed and even SwinMR at 320×320 costs nothing. The Kronecker model is counted after
 `kronify.merge` (the same dense ops; the once-per-step weight rebuild Σ A⊗F is not a per-slice cost),
 which is why its FLOPs equal the dense model's.
+
+`--paper` prints instead the reconciliation of the paper's Table 1 with our counts of its official
+configurations (`zoo.paper_reference`).
 """
 
 from __future__ import annotations
@@ -20,21 +23,18 @@ import json
 import sys
 from typing import Any
 
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
 import zoo
+from zoo import paper_reference
+from zoo.counting import count_flops, count_params
 
-# The Kronecker paper's Table 1 (params in M, FLOPs in G), keyed by the zoo model it corresponds to.
-# Its "U-Net" is the paper's own U-Net code, not fastmri's, so params differ; its FLOPs counting method
-# is not stated. "kron" marks rows that report the Kronecker version.
+# The paper's Table 1 row each zoo model is reported as (its "Kronecker U-Net" is the DDPM-style U-Net,
+# `unet_ddpm`; fastMRI's U-Net has no row of its own there). "kron" marks rows that report the Kronecker version.
+_PAPER_ROW_OF = {"lbunet": ("LB U-Net", False), "efficient_unet": ("Efficient U-Net", False),
+                 "swinmr_paper": ("Kronecker SwinMR", True), "unet_ddpm": ("Kronecker U-Net", True)}
 PAPER_TABLE1: dict[str, dict[str, Any]] = {
-    "lbunet": dict(label="LB U-Net", params_m=1.025, gflops=2.512, kron=False),
-    "efficient_unet": dict(label="Efficient U-Net", params_m=3.896, gflops=1.039, kron=False),
-    "swinmr_paper": dict(label="Kronecker SwinMR", params_m=1.204, gflops=41.649, kron=True),
-    "unet": dict(label="Kronecker U-Net", params_m=2.630, gflops=1.075, kron=True),
-}
+    name: dict(label=label, params_m=paper_reference.PAPER_TABLE1[label].params_m,
+               gflops=paper_reference.PAPER_TABLE1[label].gflops, kron=kron)
+    for name, (label, kron) in _PAPER_ROW_OF.items()}
 
 DEFAULT_MODELS = zoo.dense_names() + ["swinmr:in_chans=1"]
 
@@ -52,20 +52,6 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         except (ValueError, SyntaxError):
             overrides[key.strip()] = value.strip()
     return name, overrides
-
-
-def count_params(model: nn.Module) -> int:
-    """Distinct parameter elements (shared parameters counted once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_flops(model: nn.Module, size: int) -> int:
-    """Forward FLOPs (2·MAC) of one 2×size×size slice, counted on a meta-device copy of `model`."""
-    meta = copy.deepcopy(model).to("meta").eval()
-    inputs = zoo.example_inputs(meta, (size, size), device="meta")
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        meta(*inputs)
-    return counter.get_total_flops()
 
 
 def summarize(spec: str, size: int = 320, n: int | None = None) -> dict[str, Any]:
@@ -121,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
                         help="model specs NAME[:key=value,...] (default: every dense model and swinmr:in_chans=1)")
     parser.add_argument("--n", type=int, default=None, help="override every model's Kronecker n")
+    parser.add_argument("--paper", action="store_true",
+                        help="print the reconciliation with the paper's Table 1 instead (zoo.paper_reference)")
     args = parser.parse_args(argv)
+    if args.paper:
+        return paper_reference.main(["--size", str(args.size)] + (["--json"] if args.json else []))
     valid = set(zoo.dense_names())
     bad = [m for m in args.models if parse_spec(m)[0] not in valid]
     if bad:
