@@ -1,8 +1,10 @@
-"""Test-split evaluation: metrics.json, per-volume and per-slice CSVs, a reconstruction figure, example slices.
+"""Evaluation: metrics.json, per-volume and per-slice CSVs, a reconstruction figure, example slices; and
+:func:`evaluate_run`, which evaluates a finished recipe run's EMA weights on its test split or on any
+fastMRI-format folder (``recipes/evaluate.py``), optionally exporting the reconstructions (:mod:`kronify.mri.export`).
 
-The metrics are :class:`kronify.mri.metrics.MetricsAccumulator`'s (fastMRI SSIM/PSNR/NMSE on magnitudes with the
-volume max as data range, phase error, LPIPS when its weights are on disk), computed by
-:meth:`kronify.mri.training.ReconModule.test_step` with the EMA weights and gathered over every process.
+The metrics are :class:`kronify.mri.metrics.MetricsAccumulator`'s (fastMRI SSIM/PSNR/NMSE on magnitudes, phase
+error, LPIPS when its weights are on disk), computed with the EMA weights. During training they come from
+:meth:`kronify.mri.training.ReconModule.test_step`, gathered over every process.
 ``mean (std)`` are over slices, like the paper's table; the per-volume CSV has fastMRI's volume metrics.
 """
 
@@ -12,7 +14,7 @@ import json
 import math
 import os
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from kronify.mri.figures import reconstruction_figure
+from kronify.mri.checkpoint import LAST
 from kronify.mri.complex import magnitude
+from kronify.mri.data import DEFAULT_ACQUISITIONS, DataError, MRITransform, SplitDataset, data_folders, scan_volumes
+from kronify.mri.export import ReconstructionWriter
+from kronify.mri.figures import reconstruction_figure
 from kronify.mri.metrics import MetricsAccumulator, write_csv
+from kronify.mri.trained_run import RunError, TrainedRun
 from kronify.mri.training import reconstruct
 
 __all__ = [
     "METRICS_KEYS",
+    "RECONSTRUCTIONS",
+    "evaluate_run",
+    "evaluation_dataset",
     "example_indices",
     "machine_description",
     "reconstruct_examples",
@@ -39,6 +48,8 @@ __all__ = [
 #: The keys every metrics.json has (others may follow).
 METRICS_KEYS = ("model", "kron_n", "acceleration", "params", "gflops", "ssim_mean", "ssim_std", "psnr_mean",
                 "psnr_std", "nmse_mean", "phase_error_mean", "lpips_mean", "lpips_std", "train_seconds", "steps")
+#: The folder of :func:`evaluate_run`'s output that holds the exported reconstructions.
+RECONSTRUCTIONS = "reconstructions"
 
 
 def _clean(value: Any) -> Any:
@@ -82,7 +93,7 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 @torch.no_grad()
 def zero_filled_metrics(dataset: Dataset, batch_size: int = 8) -> MetricsAccumulator:
     """Metrics of the zero-filled input itself (the no-learning baseline) on ``dataset``."""
-    acc = MetricsAccumulator(lpips="auto")
+    acc = MetricsAccumulator(lpips="auto", protocol=getattr(dataset, "protocol", None))
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         acc.update(batch.input, batch.target, batch.fname, batch.slice_num, batch.max_value, scale=batch.scale)
     return acc
@@ -137,10 +148,11 @@ def write_results(
     examples: Sequence[Mapping[str, Any]] = (),
     *,
     zero_filled: MetricsAccumulator | None = None,
-    history: Sequence[Mapping[str, Any]] = (),
+    history: Sequence[Mapping[str, Any]] | None = (),
 ) -> dict[str, Any]:
-    """Write ``metrics.json`` (``info`` + the summary), ``per_volume.csv``, ``per_slice.csv``, ``history.json``,
-    ``examples.npz`` and ``reconstruction.png`` into ``out_dir``; returns the metrics.json content."""
+    """Write ``metrics.json`` (``info`` + the summary), ``per_volume.csv``, ``per_slice.csv``, ``history.json``
+    (unless ``history`` is None), ``examples.npz`` and ``reconstruction.png`` into ``out_dir``; returns the
+    metrics.json content. The figure's title names ``info``'s ``protocol`` and ``eval_set`` when present."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = metrics.summary()
@@ -155,7 +167,8 @@ def write_results(
     write_json(out_dir / "metrics.json", result)
     write_csv(metrics.volume_rows(), out_dir / "per_volume.csv")
     write_csv(metrics.slice_rows(), out_dir / "per_slice.csv")
-    write_json(out_dir / "history.json", list(history))
+    if history is not None:
+        write_json(out_dir / "history.json", list(history))
     if examples:
         np.savez_compressed(
             out_dir / "examples.npz",
@@ -166,12 +179,121 @@ def write_results(
             target=np.stack([e["target"] for e in examples]),
         )
         first = examples[0]
-        label = f"{info.get('model')} ({info.get('acceleration')}x)"
+        protocol = f", {info['protocol']} protocol" if info.get("protocol") else ""
+        label = f"{info.get('model')} ({info.get('acceleration')}x{protocol})"
         reconstruction_figure(
             out_dir / "reconstruction.png", _magnitude(first["zero_filled"]), _magnitude(first["output"]),
             _magnitude(first["target"]),
-            title=f"{label}: {first['fname']} slice {first['slice_num']}  |  test SSIM {result['ssim_mean']:.3f}, "
-                  f"PSNR {result['psnr_mean']:.2f} dB",
+            title=f"{label}: {first['fname']} slice {first['slice_num']}  |  {info.get('eval_set', 'test')} "
+                  f"SSIM {result['ssim_mean']:.3f}, PSNR {result['psnr_mean']:.2f} dB",
             labels={"output": str(info.get("model"))},
         )
     return result
+
+
+def evaluation_dataset(
+    root: str | os.PathLike,
+    transform: MRITransform,
+    files: Collection[str] | None = None,
+    *,
+    num_slices: int | None = None,
+    acquisitions: Collection[str] | None = DEFAULT_ACQUISITIONS,
+) -> SplitDataset:
+    """The slices to score: the volumes ``files`` under ``root``, or (None) every file of ``acquisitions`` there.
+
+    ``transform`` must use fixed masks (``fixed_mask=True``), so the scores do not depend on a random draw.
+    Raises :class:`~kronify.mri.data.DataError` naming the folder or the volumes that are missing or too small.
+    """
+    if not transform.fixed_mask:
+        raise ValueError("evaluation needs fixed masks: build the transform with fixed_mask=True")
+    index = scan_volumes(root, acquisitions)
+    volumes = index.by_name()
+    if files is None:
+        files = sorted(volumes)
+    missing = sorted(set(files) - set(volumes))
+    if missing:
+        raise DataError(f"{len(missing)} volume(s) to evaluate are not under {root} (or not of acquisition "
+                        f"{sorted(acquisitions or [])}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    for name in files:
+        height, width = volumes[name].shape
+        if transform.crop[0] > height or transform.crop[1] > width:
+            raise DataError(f"crop {transform.crop} is larger than the image {height}x{width} of {volumes[name].path}")
+    return SplitDataset("test", data_folders(root), files, transform, num_slices)
+
+
+def _on_device(batch: Any, device: torch.device) -> Any:
+    return batch._replace(**{k: v.to(device) for k, v in batch._asdict().items() if isinstance(v, torch.Tensor)})
+
+
+@torch.no_grad()
+def evaluate_run(
+    run: TrainedRun,
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    transform: MRITransform,
+    data_root: str | os.PathLike | None = None,
+    num_slices: int | None = None,
+    acquisitions: Collection[str] | None = DEFAULT_ACQUISITIONS,
+    save_reconstructions: bool = False,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score ``run``'s EMA weights on its own test split, or on every volume under ``data_root``.
+
+    ``model`` is the run's architecture, built as its recipe built it; the EMA weights from the run's checkpoint
+    are loaded into it. ``transform`` (fixed masks), ``num_slices`` and ``acquisitions`` say which slices are
+    scored and how they are undersampled (see :func:`evaluation_dataset`). Into ``out_dir`` go metrics.json
+    (the run's description, the scores, a ``zero_filled`` block and ``eval_*`` keys saying what was scored;
+    ``info`` adds or replaces keys), per_volume.csv, per_slice.csv, reconstruction.png and examples.npz; with
+    ``save_reconstructions`` also ``out_dir/reconstructions/<file>.h5`` in fastMRI's submission layout
+    (:mod:`kronify.mri.export`). Everything is checked before anything is written, and the run folder is never
+    written to. Returns the metrics.json content.
+    """
+    out_dir = Path(out_dir).expanduser()
+    if (out_dir / "checkpoints" / LAST).exists():
+        raise RunError(f"output folder {out_dir} holds a training run (checkpoints/{LAST}); its metrics.json "
+                       "would be overwritten: choose another output folder")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if data_root is None:
+        root, files, eval_set = run.data_root, run.test_files, "test split"
+        if root is None:
+            raise RunError(f"{run.path / 'metrics.json'} does not record the run's data folder; "
+                           "pass a data folder to evaluate on")
+        if not root.is_dir():
+            raise DataError(f"the run's data folder {root} does not exist any more; pass a data folder "
+                            "to evaluate on")
+    else:
+        root, files, eval_set = Path(data_root).expanduser(), None, "all files"
+        if not root.is_dir():
+            raise DataError(f"data folder {str(root)!r} does not exist or is not a folder")
+    dataset = evaluation_dataset(root, transform, files, num_slices=num_slices, acquisitions=acquisitions)
+    device = torch.device(device)
+    model = run.load_ema_weights(model).to(device)
+
+    metrics = MetricsAccumulator(lpips="auto")
+    writer = ReconstructionWriter(out_dir / RECONSTRUCTIONS) if save_reconstructions else None
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        batch = _on_device(batch, device)
+        output = reconstruct(model, batch).float()
+        metrics.update(output, batch.target, batch.fname, batch.slice_num, batch.max_value, scale=batch.scale)
+        if writer is not None:
+            images = magnitude(output * batch.scale.view(-1, 1, 1, 1)).cpu().numpy()
+            for fname, slice_num, image in zip(batch.fname, batch.slice_num.tolist(), images):
+                writer.add(fname, slice_num, image)
+    if writer is not None:
+        writer.close()
+
+    results = ("zero_filled", "lpips_message", "n_slices", "n_volumes", "test_files")
+    described = {k: v for k, v in run.info.items() if k not in results and not k.endswith(("_mean", "_std"))}
+    described.update({
+        "eval_run": str(run.path), "eval_checkpoint": str(run.checkpoint), "eval_weights": "ema",
+        "eval_data": str(root.resolve()), "eval_set": eval_set, "eval_files": list(dataset.files),
+        "eval_device": str(device),
+    })
+    described.update(info or {})
+    examples = reconstruct_examples(model, dataset, example_indices(dataset))
+    zero_filled = zero_filled_metrics(dataset, batch_size)
+    return write_results(out_dir, described, metrics, examples, zero_filled=zero_filled, history=None)
