@@ -111,12 +111,19 @@ def test_accumulator_matches_fastmri_per_slice_and_per_volume():
     # a volume's PSNR pools errors over the volume: not the mean of slice PSNRs
     slice_psnr = [r["psnr"] for r in rows if r["fname"] == "b.h5"]
     assert vrows["b.h5"]["psnr"] != pytest.approx(np.mean(slice_psnr), rel=1e-6)
+    # the fastmri protocol's summary: mean (std) over volumes of fastmri.evaluate's volume metrics, whose data
+    # range defaults to the target volume's max
     summ = acc.summary()
     assert summ["n_slices"] == 8 and summ["n_volumes"] == 2
-    for m in ("ssim", "psnr", "nmse", "phase_error"):
-        vals = [r[m] for r in rows]
-        assert summ[f"{m}_mean"] == pytest.approx(np.mean(vals))
-        assert summ[f"{m}_std"] == pytest.approx(np.std(vals))
+    assert (summ["protocol"], summ["metrics_over"]) == ("fastmri", "volumes")
+    refs = [{m: _f(getattr(fm_eval, m)(magnitude(t).numpy(), magnitude(o).numpy())) for m in ("ssim", "psnr", "nmse")}
+            for o, t in vols.values()]
+    for m in ("ssim", "psnr", "nmse"):
+        vals = [r[m] for r in refs]
+        assert summ[f"{m}_mean"] == pytest.approx(np.mean(vals), rel=1e-5)
+        assert summ[f"{m}_std"] == pytest.approx(np.std(vals), rel=1e-4, abs=1e-9)
+    phase = [np.mean([r["phase_error"] for r in rows if r["fname"] == f]) for f in vols]
+    assert summ["phase_error_mean"] == pytest.approx(np.mean(phase))
     assert summ["lpips_mean"] is None and summ["lpips_std"] is None
     assert "lpips=None" in acc.lpips_message
 
@@ -329,3 +336,64 @@ def test_lpips_with_real_alexnet_weights():
     mv = float(tgt.max())
     assert torch.equal(metric(tgt, tgt, mv), torch.zeros(2))
     assert bool((metric(small, tgt, mv) < metric(large, tgt, mv)).all())
+
+
+# ------------------------------------------------------------------------------------------------ protocols
+
+
+def _feed(acc: MetricsAccumulator, vols: dict, max_value) -> None:
+    for f, (out, tgt) in vols.items():
+        acc.update(out, tgt, [f] * out.shape[0], list(range(out.shape[0])), max_value(f, tgt))
+
+
+def test_paper_protocol_scores_each_slice_with_its_own_target_max():
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    rng = np.random.default_rng(11)
+    vols = {"a.h5": _volume(rng, 3, scale=2.0), "b.h5": _volume(rng, 2, scale=0.3, noise=0.1)}
+    acc = MetricsAccumulator(lpips=None, protocol="paper")
+    _feed(acc, vols, lambda f, t: None)  # the paper protocol needs no max_value: it comes from each target
+    ssim, psnr = [], []
+    for out, tgt in vols.values():
+        for o, t in zip(magnitude(out).numpy().astype(np.float64), magnitude(tgt).numpy().astype(np.float64)):
+            ssim.append(structural_similarity(t, o, data_range=t.max()))
+            psnr.append(peak_signal_noise_ratio(t, o, data_range=t.max()))
+    summ = acc.summary()
+    assert (summ["protocol"], summ["metrics_over"], summ["n_slices"]) == ("paper", "slices", 5)
+    assert summ["ssim_mean"] == pytest.approx(np.mean(ssim), rel=1e-5)
+    assert summ["ssim_std"] == pytest.approx(np.std(ssim), rel=1e-3)
+    assert summ["psnr_mean"] == pytest.approx(np.mean(psnr), rel=1e-5)
+    assert summ["psnr_std"] == pytest.approx(np.std(psnr), rel=1e-3)
+    # a stale (larger) max_value changes nothing under the paper protocol
+    other = MetricsAccumulator(lpips=None, protocol="paper")
+    _feed(other, vols, lambda f, t: 10 * float(magnitude(t).max()))
+    assert other.summary()["psnr_mean"] == pytest.approx(summ["psnr_mean"], rel=1e-12)
+
+
+def test_fastmri_protocol_rejects_a_data_range_that_is_not_the_scored_volume_max():
+    rng = np.random.default_rng(12)
+    vols = {"vol.h5": _volume(rng, 3)}
+    stale = MetricsAccumulator(lpips=None, protocol="fastmri")
+    _feed(stale, vols, lambda f, t: 1.18 * float(magnitude(t).max()))  # e.g. the file's max of a larger crop
+    with pytest.raises(ValueError, match=r"volume vol\.h5.*not the max of its scored target slices"):
+        stale.summary()
+    per_slice = MetricsAccumulator(lpips=None, protocol="fastmri")
+    for s in range(3):  # a per-slice data range under the volume protocol is caught as well
+        out, tgt = vols["vol.h5"][0][s : s + 1], vols["vol.h5"][1][s : s + 1]
+        per_slice.update(out, tgt, ["vol.h5"], [s], float(magnitude(tgt).max()))
+    assert len({float(magnitude(t).max()) for t in vols["vol.h5"][1]}) == 3  # the slices' maxima differ
+    with pytest.raises(ValueError, match="vol.h5"):
+        per_slice.volume_rows()
+
+
+def test_rows_of_two_protocols_never_mix_and_a_bare_accumulator_adopts_the_rows_protocol():
+    rng = np.random.default_rng(13)
+    vols = {"a.h5": _volume(rng, 2)}
+    paper = MetricsAccumulator(lpips=None, protocol="paper")
+    _feed(paper, vols, lambda f, t: None)
+    merged = MetricsAccumulator(lpips=None).merge(pickle.loads(pickle.dumps(paper.state())))
+    assert merged.protocol.name == "paper" and merged.summary() == paper.summary()
+    with pytest.raises(ValueError, match="'paper' protocol into 'fastmri'"):
+        MetricsAccumulator(lpips=None, protocol="fastmri").merge(paper)
+    with pytest.raises(ValueError, match="unknown protocol 'knee'"):
+        MetricsAccumulator(lpips=None, protocol="knee")
