@@ -1,6 +1,6 @@
 """Embedded demo dataset in fastMRI single-coil format, built from a real MRI volume (no download).
 
-``python -m kronify.mri.demo --out DIR [--nifti PATH] [--cases N] [--seed S] [--crop C] [--matrix H W] [--slices K]``
+``python -m kronify.mri.demo --out DIR [--nifti PATH] [--cases N|all] [--seed S] [--crop C] [--matrix H W] [--slices K]``
 or :func:`build_demo_dataset` writes ``DIR/singlecoil_train/*.h5`` and ``DIR/singlecoil_val/*.h5`` that
 ``fastmri.data.SliceDataset(challenge="singlecoil")`` and :mod:`kronify.mri.data` read exactly like the real
 fastMRI knee files: ``kspace`` complex64 (slices, H, W) with readout oversampling x2 (H = 2 x crop, like
@@ -27,6 +27,14 @@ How a case is made (all random draws come from ``--seed``):
 - About one case in six is labelled ``CORPDFS_FBK`` (with a darker contrast and lower SNR) so the
   loader's acquisition filter has something to remove.
 
+Another anatomy (e.g. to test generalisation): ``python -m kronify.mri.demo --nifti PATH [--out DIR]`` runs the
+same builder on any 3-D NIfTI volume. Without ``--out`` it writes ``./demo-<name>``; without ``--cases`` it
+makes every disjoint slab that fits (``--cases all``). Its files are named ``<name>_s<seed>_<case>.h5`` and
+their header names the source, so they never pass for the template's ``demo_s<seed>_<case>.h5``. Use the
+trained run's ``--crop``/``--slices`` (the demo preset builds crop 128, 8 slices) to score it like the
+demo's test volumes. The sagittal one-hemisphere rule is kept for any source (simple, and safe for a test
+set). The default build (no ``--nifti``) is unchanged by this option.
+
 Same parameters and seed give byte-identical files (no HDF5 timestamps, fixed write order). A manifest
 ``kronify_demo.json`` records the parameters and file hashes; a second build with the same parameters
 reuses the files.
@@ -42,6 +50,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -51,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NOTICE", "DemoBuild", "build_demo_dataset", "default_source", "demo_matrix", "main"]
+__all__ = ["NOTICE", "DemoBuild", "build_demo_dataset", "default_source", "demo_matrix", "main", "nifti_label"]
 
 NOTICE = (
     "kronify demo data: brain anatomy from the MNI152 T1 template shipped in nilearn (or the given NIfTI), "
@@ -136,8 +145,15 @@ def _load_source_cached(path: str, _mtime_ns: int, _size: int, pixel_mm: float) 
     vol = np.asarray(img.dataobj, dtype=np.float64)
     if vol.ndim == 4 and vol.shape[3] == 1:
         vol = vol[..., 0]
+    if vol.ndim == 2 or (vol.ndim == 3 and sorted(vol.shape)[0] == 1):
+        raise ValueError(f"{path} is a 2-D image (shape {vol.shape}); a 3-D volume is needed to cut slabs from")
+    if vol.ndim == 4:
+        raise ValueError(f"{path} holds {vol.shape[3]} volumes (shape {vol.shape}); give a single 3-D volume")
     if vol.ndim != 3 or min(vol.shape) < 8 or not np.isfinite(vol).all() or vol.max() <= 0:
-        raise ValueError(f"{path} is not a usable 3D MRI volume (shape {vol.shape})")
+        reason = ("has non-finite values" if vol.ndim == 3 and not np.isfinite(vol).all() else
+                  "has no positive intensity" if vol.ndim == 3 and min(vol.shape) >= 8 else
+                  "needs 3 dimensions of at least 8 voxels")
+        raise ValueError(f"{path} is not a usable 3D MRI volume (shape {vol.shape}): it {reason}")
     vol = np.clip(vol, 0, None) / vol.max()
     voxel = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
     sigma = np.clip(0.42 * (pixel_mm / voxel - 1.0), 0.0, None)  # anti-alias before downsampling
@@ -167,12 +183,18 @@ def _slots(body: np.ndarray, slices: int, centre: np.ndarray) -> list[tuple[str,
     return out
 
 
-def _header_xml(matrix: tuple[int, int], crop: int, fov_mm: float, slice_mm: float, num_slices: int) -> bytes:
+_PROTOCOL = "kronify demo: MNI152 brain, NOT knee, not for publication numbers"
+
+
+def _header_xml(matrix: tuple[int, int], crop: int, fov_mm: float, slice_mm: float, num_slices: int,
+                protocol: str = _PROTOCOL) -> bytes:
     """ISMRMRD header with the fields fastMRI parses (encoded/recon matrix, field of view, encoding limits)."""
+    from xml.sax.saxutils import escape
+
     height, width = matrix
     return f"""<?xml version="1.0" encoding="utf-8"?>
 <ismrmrdHeader xmlns="http://www.ismrm.org/ISMRMRD">
-  <measurementInformation><protocolName>kronify demo: MNI152 brain, NOT knee, not for publication numbers</protocolName></measurementInformation>
+  <measurementInformation><protocolName>{escape(protocol)}</protocolName></measurementInformation>
   <acquisitionSystemInformation><systemVendor>kronify synthetic</systemVendor><receiverChannels>1</receiverChannels></acquisitionSystemInformation>
   <experimentalConditions><H1resonanceFrequency_Hz>127730000</H1resonanceFrequency_Hz></experimentalConditions>
   <encoding>
@@ -269,9 +291,12 @@ class _Plan:
     pixel_mm: float
     slabs: list[tuple[str, int, int]]
     fat_suppressed: set[int]
+    label: str = "demo"  # file names <label>_s<seed>_<case>.h5
+    salt: str = ""  # mixed into patient_id (the source's hash for a --nifti build)
+    protocol: str = _PROTOCOL
 
 
-def _plan(source: Path, cases: int, seed: int, crop: int, slices: int, fov_mm: float) -> _Plan:
+def _plan(source: Path, cases: int, seed: int, crop: int, slices: int, fov_mm: float, **naming: str) -> _Plan:
     pixel_mm = fov_mm / crop
     vol, voxel, centre, body = _load_source(source, pixel_mm)
     slots = _slots(body, slices, centre)
@@ -280,7 +305,7 @@ def _plan(source: Path, cases: int, seed: int, crop: int, slices: int, fov_mm: f
                          f"not {cases} cases; ask for fewer cases or fewer slices")
     rng = np.random.default_rng(seed)
     slabs = [slots[i] for i in rng.permutation(len(slots))[:cases]]
-    return _Plan(vol, voxel, centre, pixel_mm, slabs, set(rng.permutation(cases)[: cases // 6].tolist()))
+    return _Plan(vol, voxel, centre, pixel_mm, slabs, set(rng.permutation(cases)[: cases // 6].tolist()), **naming)
 
 
 def _write_cases(
@@ -290,7 +315,7 @@ def _write_cases(
     vol, voxel, centre, pixel_mm = plan.vol, plan.voxel, plan.centre, plan.pixel_mm
     for d in FOLDERS:
         (out / d).mkdir(parents=True, exist_ok=True)
-    header = _header_xml(matrix, crop, fov_mm, float(voxel.min()), slices)
+    header = _header_xml(matrix, crop, fov_mm, float(voxel.min()), slices, plan.protocol)
     files, records = [], []
     for case, slot in enumerate(plan.slabs):
         case_rng = np.random.default_rng([seed, case])
@@ -303,9 +328,9 @@ def _write_cases(
         kspace = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(image, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
         noise = case_rng.standard_normal((2, *kspace.shape)) * (sigma / math.sqrt(2))
         kspace = (kspace + noise[0] + 1j * noise[1]).astype(np.complex64)
-        rel = f"{FOLDERS[1] if case % 5 == 4 else FOLDERS[0]}/demo_s{seed}_{case:03d}.h5"
+        rel = f"{FOLDERS[1] if case % 5 == 4 else FOLDERS[0]}/{plan.label}_s{seed}_{case:03d}.h5"
         acquisition = "CORPDFS_FBK" if fs else "CORPD_FBK"
-        patient_id = hashlib.sha256(f"kronify-demo-{seed}-{case}".encode()).hexdigest()
+        patient_id = hashlib.sha256(f"kronify-demo-{plan.salt}{seed}-{case}".encode()).hexdigest()
         _write_case(out / rel, kspace, crop, header, acquisition, patient_id)
         files.append(out / rel)
         records.append({"file": rel, "acquisition": acquisition, "orientation": slot[0],
@@ -315,10 +340,18 @@ def _write_cases(
     return files, records
 
 
+def nifti_label(path: str | os.PathLike) -> str:
+    """A file-name-safe name for a NIfTI volume: its name without .nii/.nii.gz, other characters as ``_``."""
+    name = Path(path).name
+    for suffix in (".gz", ".nii"):
+        name = name.removesuffix(suffix)
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "nifti"
+
+
 def build_demo_dataset(
     out: str | os.PathLike,
     *,
-    cases: int = 12,
+    cases: int | None = 12,
     seed: int = 0,
     crop: int = 128,
     matrix: Sequence[int] | None = None,
@@ -332,20 +365,34 @@ def build_demo_dataset(
     complete build with the same parameters (unless ``force``).
 
     ``matrix`` is the k-space size (H, W), default :func:`demo_matrix` (crop) = (2 crop, ~1.15 crop).
+    ``cases=None`` makes every disjoint slab that fits. With ``nifti`` (any 3-D volume) the files are named
+    after it (:func:`nifti_label`) and the volume is checked before anything is written.
     """
     start = time.perf_counter()
     out = Path(out)
     matrix = tuple(int(m) for m in (matrix or demo_matrix(crop)))
     if len(matrix) != 2 or crop < 8 or matrix[0] < crop or matrix[1] < crop:
         raise ValueError(f"matrix {matrix} must be a pair >= crop {crop} (and crop >= 8)")
-    if cases < 1 or slices < 1 or fov_mm <= 0:
+    if (cases is not None and cases < 1) or slices < 1 or fov_mm <= 0:
         raise ValueError(f"cases ({cases}), slices ({slices}) and fov_mm ({fov_mm}) must be positive")
     source = Path(nifti) if nifti is not None else default_source()
     if not source.is_file():
-        raise FileNotFoundError(f"NIfTI volume {str(source)!r} does not exist")
+        raise FileNotFoundError(f"NIfTI volume {str(source)!r} does not exist (or is not a file)")
+    source_sha256 = _sha256(source)
+    naming: dict[str, str] = {}
+    if nifti is not None:
+        _load_source(source, fov_mm / crop)  # a bad volume fails here, before the output folder is touched
+        naming = {"label": nifti_label(source), "salt": f"{source_sha256[:16]}-",
+                  "protocol": f"kronify demo from {source.name}: synthetic phase, noise and k-space, "
+                              "not for publication numbers"}
+    if cases is None:
+        _, _, centre, body = _load_source(source, fov_mm / crop)
+        cases = len(_slots(body, slices, centre))
+        if cases == 0:
+            raise ValueError(f"{source.name} has no room for a slab of {slices} slices; ask for fewer slices")
     params = {
         "version": _VERSION, "cases": cases, "seed": seed, "crop": crop, "matrix": list(matrix),
-        "slices": slices, "fov_mm": fov_mm, "source": source.name, "source_sha256": _sha256(source),
+        "slices": slices, "fov_mm": fov_mm, "source": source.name, "source_sha256": source_sha256,
     }
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out / ".kronify_demo.lock"):  # several processes (e.g. DDP ranks) may build the same folder
@@ -362,7 +409,7 @@ def build_demo_dataset(
         if foreign:
             raise FileExistsError(f"{out} holds h5 files that are not from a kronify demo build, e.g. {foreign[0]}; "
                                   "choose an empty --out folder")
-        plan = _plan(source, cases, seed, crop, slices, fov_mm)  # fails before the old build is touched
+        plan = _plan(source, cases, seed, crop, slices, fov_mm, **naming)  # fails before the old build is touched
         for rel in listed:
             (out / rel).unlink(missing_ok=True)
         manifest_path.unlink(missing_ok=True)
@@ -381,12 +428,26 @@ def build_demo_dataset(
         return DemoBuild(out, files, False, time.perf_counter() - start, sum(f.stat().st_size for f in files), manifest)
 
 
+def _cases_arg(text: str) -> int | str:
+    """``--cases``: a positive number or ``all``."""
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m kronify.mri.demo --out DIR ...``."""
     parser = argparse.ArgumentParser(prog="python -m kronify.mri.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output folder (gets singlecoil_train/ and singlecoil_val/)")
-    parser.add_argument("--nifti", default=None, help="source NIfTI volume (default: nilearn's MNI152 T1 template)")
-    parser.add_argument("--cases", type=int, default=12, help="number of volumes (default 12)")
+    parser.add_argument("--out", default=None, help="output folder (gets singlecoil_train/ and singlecoil_val/); "
+                        "required without --nifti, default ./demo-<name> with it")
+    parser.add_argument("--nifti", default=None, help="source NIfTI volume, any 3-D MRI, e.g. another anatomy "
+                        "(default: nilearn's MNI152 T1 template)")
+    parser.add_argument("--cases", type=_cases_arg, default=None,
+                        help="number of volumes, or 'all' for every disjoint slab that fits "
+                             "(default 12; all with --nifti)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--crop", type=int, default=128, help="recon/crop size in pixels (default 128)")
     parser.add_argument("--matrix", type=int, nargs=2, metavar=("H", "W"), default=None,
@@ -395,9 +456,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fov-mm", type=float, default=200.0, help="field of view of the crop in mm (default 200)")
     parser.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
     args = parser.parse_args(argv)
+    if args.out is None and args.nifti is None:
+        parser.error("--out DIR is required (it is optional only with --nifti)")
+    out = args.out if args.out is not None else f"demo-{nifti_label(args.nifti)}"
+    if args.cases is None:  # default: 12 cases of the template, every slab of a --nifti volume
+        cases = None if args.nifti else 12
+    else:
+        cases = None if args.cases == "all" else args.cases
     print(NOTICE)
     try:
-        build = build_demo_dataset(args.out, cases=args.cases, seed=args.seed, crop=args.crop, matrix=args.matrix,
+        build = build_demo_dataset(out, cases=cases, seed=args.seed, crop=args.crop, matrix=args.matrix,
                                    slices=args.slices, fov_mm=args.fov_mm, nifti=args.nifti, force=args.force,
                                    verbose=True)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
