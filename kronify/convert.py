@@ -1,52 +1,54 @@
-"""kronify.convert: swap a model's Linear / Conv / ConvTranspose / MultiheadAttention layers for
-Kronecker (PHM) layers, in place or on a copy, and report what was done.
+"""kronify.convert: give every weight-bearing layer of a model a Kronecker-parametrized weight, in place or
+on a copy, and report what was done.
 
-Conversion runs in three phases so that any error leaves the user's model exactly as it was:
-plan (validate arguments, find candidate layers, decide per layer), build (construct every new
-layer with `from_dense`), swap (put each new layer at every attribute path of the old one and move
-its hooks). Only the swap touches the model, and it cannot fail part-way.
+A layer is any module whose forward reads a weight of two or more dims: Linear, Conv1/2/3d,
+ConvTranspose1/2/3d and their subclasses (timm's StdConv2d standardizes `self.weight` in its own forward),
+transformers' Conv1D, and nn.MultiheadAttention's q/k/v projections (its out_proj is a Linear). Each
+weight gets a `KronParametrization` (torch.nn.utils.parametrize): the layer keeps its class, forward and
+hooks, shared layers stay shared, and a weight under another parametrization gets the Kronecker structure
+on its original.
+
+Conversion runs in three steps so that an error leaves the model exactly as it was: find (candidate
+layers and every path to them), plan (validate settings, decide per layer), apply (register the
+parametrizations; on any error every registration made so far is undone).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from kronify.algebra import LEARNED, resolve_algebra
+from kronify.algebra import resolve_algebra
 from kronify.analysis import Analysis, analyse
-from kronify.layers import KRON_LAYER_FOR, KronMixin
-from kronify.layers.attention import KronMultiheadAttention
-from kronify.patterns import Selector, key_repr
-from kronify.report import ConversionReport, LayerRow, count_params
+from kronify.config import KronConfig
+from kronify.parametrization import KronParametrization, is_kron, own_kron_parametrizations
+from kronify.patterns import Selector
+from kronify.report import ConversionReport, LayerRow, count_params, own_param_count
 
-__all__ = ["convert", "is_kron"]
-
-_SUPPORTED: tuple[type, ...] = (*KRON_LAYER_FOR, nn.MultiheadAttention)
-# Class-body names a subclass may define and still be converted as its torch base class.
-_HARMLESS = {"__init__", "reset_parameters", "extra_repr", "__module__", "__qualname__", "__doc__",
-             "__annotations__", "__dict__", "__weakref__", "__firstlineno__", "__static_attributes__"}
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
-_STATE_HOOK_DICTS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-                     "_load_state_dict_post_hooks")
+__all__ = ["convert", "is_kron", "weight_names"]
 
 
-def is_kron(module: nn.Module) -> bool:
-    """True for kronify's Kronecker layers (attention included)."""
-    return isinstance(module, (KronMixin, KronMultiheadAttention))
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and relatives): a Linear whose weight is stored (in, out)."""
+    return any(k.__name__ == "Conv1D" and k.__module__.startswith("transformers") for k in type(module).__mro__)
 
 
-def _torch_base(module: nn.Module) -> type | None:
-    for base in _SUPPORTED:
-        if isinstance(module, base):
-            return base
-    return None
+def weight_names(module: nn.Module) -> list[tuple[str, int]]:
+    """(tensor name, chunks of dim 0) of the weights `module`'s forward reads; [] for other modules."""
+    if isinstance(module, nn.MultiheadAttention):
+        if module._qkv_same_embed_dim:
+            return [("in_proj_weight", 3)]
+        return [("q_proj_weight", 1), ("k_proj_weight", 1), ("v_proj_weight", 1)]
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or _is_hf_conv1d(module):
+        return [("weight", 1)]
+    return []
 
 
 # ---- finding candidates --------------------------------------------------------------------------
@@ -54,6 +56,7 @@ def _torch_base(module: nn.Module) -> type | None:
 class _Candidate:
     module: nn.Module
     paths: list[str] = field(default_factory=list)
+    inside: bool = False  # below another candidate (an attention's out_proj): fx sees only the outer one
 
     @property
     def name(self) -> str:
@@ -61,309 +64,272 @@ class _Candidate:
 
 
 def find_candidates(model: nn.Module) -> list[_Candidate]:
-    """Every distinct supported or Kron layer below `model`, with all attribute paths reaching it.
-
-    Candidates are not descended into (an attention layer's out_proj belongs to the attention).
-    A module reachable by several paths (shared) is one candidate with several paths.
-    """
+    """Every distinct layer with weights (see `weight_names`) at or below `model`, with all paths to it."""
     found: dict[int, _Candidate] = {}
 
-    def walk(module: nn.Module, prefix: str, ancestors: tuple[int, ...]) -> None:
+    def visit(module: nn.Module, path: str, ancestors: tuple[int, ...], inside: bool) -> None:
+        if weight_names(module):
+            found.setdefault(id(module), _Candidate(module, inside=inside)).paths.append(path)
+            inside = True
         for child_name, child in module._modules.items():
-            if child is None or id(child) in ancestors:
+            if child is None or id(child) in ancestors or (child_name == "parametrizations"
+                                                           and parametrize.is_parametrized(module)):
                 continue
-            path = f"{prefix}{child_name}"
-            if is_kron(child) or _torch_base(child) is not None:
-                found.setdefault(id(child), _Candidate(child)).paths.append(path)
-            else:
-                walk(child, path + ".", ancestors + (id(child),))
+            visit(child, f"{path}.{child_name}" if path else child_name, ancestors + (id(child),), inside)
 
-    walk(model, "", (id(model),))
+    visit(model, "", (id(model),), False)
     return list(found.values())
 
 
-def _param_owners(model: nn.Module) -> dict[int, list[str]]:
-    owners: dict[int, list[str]] = {}
+def _param_owners(model: nn.Module) -> dict[int, list[tuple[int, str]]]:
+    owners: dict[int, list[tuple[int, str]]] = {}
     for mname, m in model.named_modules(remove_duplicate=True):
         for pname, p in m._parameters.items():
             if p is not None:
-                owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+                owners.setdefault(id(p), []).append((id(m), f"{mname}.{pname}" if mname else pname))
     return owners
 
 
 # ---- per-layer decisions ---------------------------------------------------------------------------
-def _kind(module: nn.Module) -> str:
-    return type(module).__name__
+@dataclass
+class _Target:
+    """One tensor to parametrize: `owner.<tensor>` (the layer, or a ParametrizationList for a weight that
+    is already parametrized), of `shape`, split into `chunks` along dim 0."""
+
+    owner: nn.Module
+    tensor: str
+    shape: tuple[int, ...]
+    chunks: int
 
 
-def _shape(module: nn.Module) -> tuple[int, ...]:
-    if isinstance(module, nn.MultiheadAttention):
-        return (module.embed_dim, module.kdim, module.vdim)
-    w = module.weight
-    return tuple(w.shape) if w is not None else ()
+def _target(module: nn.Module, name: str, chunks: int, n: int, owners: dict) -> tuple[_Target | None, str]:
+    """The tensor behind `module.<name>`, or (None, why it cannot be Kronecker-parametrized)."""
+    owner, tensor = module, name
+    if parametrize.is_parametrized(module, name):
+        plist = module.parametrizations[name]
+        shape = tuple(getattr(module, name).shape)
+        originals = ["original"] if plist.is_tensor else [k for k in plist._parameters if k.startswith("original")]
+        same = [k for k in originals if tuple(getattr(plist, k).shape) == shape]
+        if not same:
+            return None, f"{name} is parametrized by {type(plist[0]).__name__} with no original of its shape"
+        owner, tensor = plist, same[0]
+    t = owner._parameters.get(tensor)
+    if t is None:
+        return None, f"{name} is not a parameter (a weight_norm / spectral_norm hook?)"
+    if isinstance(t, nn.parameter.UninitializedParameter):
+        return None, "uninitialized lazy module"
+    if t.dim() < 2 or not t.is_floating_point():
+        return None, f"{name} has shape {tuple(t.shape)} and dtype {t.dtype}, not a float matrix"
+    others = [o for mid, o in owners.get(id(t), []) if mid != id(owner)]
+    if others:
+        return None, f"{name} is shared with {others[0]} (tied weights)"
+    rows, cols = t.shape[0] // chunks, t.shape[1]
+    bad = [f"dim {k} = {d}" for k, d in ((0, rows), (1, cols)) if d % n]
+    if bad:
+        groups = getattr(module, "groups", 1)
+        depthwise = "depthwise " if groups > 1 and 1 in (rows, cols) else ""
+        return None, f"{depthwise}{name} of shape {tuple(t.shape)}: {' and '.join(bad)} not divisible by n={n}"
+    return _Target(owner, tensor, tuple(t.shape), chunks), ""
 
 
-def _subclass_problem(module: nn.Module, base: type) -> str | None:
-    """Why a subclass of a supported torch layer cannot be converted safely, or None if it can."""
-    if parametrize.is_parametrized(module):
-        return "has torch.nn.utils.parametrize parametrizations"
-    if type(module) is base:
-        return None
-    own: set[str] = set()
-    for klass in type(module).__mro__:
-        if klass is base:
-            break
-        own |= {k for k in vars(klass) if k not in _HARMLESS}
-    if "forward" in own or "_conv_forward" in own:
-        return f"{type(module).__name__} subclasses {base.__name__} with its own forward"
-    if own:
-        return f"{type(module).__name__} subclasses {base.__name__} and defines {', '.join(sorted(own))}"
-    return None
-
-
-def _dims_problem(module: nn.Module, n: int) -> str | None:
-    """Why the layer's dims do not factor by n (groups taken into account), or None."""
-    if isinstance(module, nn.MultiheadAttention):
-        dims = {"embed_dim": module.embed_dim, "kdim": module.kdim, "vdim": module.vdim}
-    elif isinstance(module, nn.Linear):
-        dims = {"out_features": module.out_features, "in_features": module.in_features}
-    elif isinstance(module, nn.modules.conv._ConvTransposeNd):
-        if module.groups > 1 and module.groups == module.in_channels:
-            return "depthwise transposed conv (groups == in_channels)"
-        dims = {"in_channels": module.in_channels, "out_channels/groups": module.out_channels // module.groups}
-    else:
-        if module.groups > 1 and module.groups == module.in_channels:
-            return "depthwise conv (groups == in_channels)"
-        dims = {"out_channels": module.out_channels, "in_channels/groups": module.in_channels // module.groups}
-    bad = [f"{k}={v}" for k, v in dims.items() if v % n]
-    return f"{' and '.join(bad)} not divisible by n={n}" if bad else None
-
-
-def _state_problem(module: nn.Module, base: type, owners: dict[int, list[str]], paths: list[str]) -> str | None:
-    """Weights the Kron layer could not take over: extra params (weight_norm...), tied or lazy weights."""
-    if base is nn.MultiheadAttention:
-        tensors = {k: v for k, v in module.named_parameters() if v is not None}
-        expected = {"in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias",
-                    "bias_k", "bias_v", "out_proj.weight", "out_proj.bias"}
-    else:
-        tensors = {k: v for k, v in module._parameters.items() if v is not None}
-        expected = {"weight", "bias"}
-    extra = sorted(set(tensors) - expected)
-    if extra:
-        return f"unexpected parameters {', '.join(extra)} (weight_norm / spectral_norm?)"
-    if base is not nn.MultiheadAttention and "weight" not in tensors:
-        return "has no weight parameter"
-    if any(isinstance(t, nn.parameter.UninitializedParameter) for t in tensors.values()):
-        return "uninitialized lazy module"
-    own = {f"{p}.{k}" for p in paths for k in tensors}
-    for k, t in tensors.items():
-        others = [o for o in owners.get(id(t), []) if o not in own]
-        if others:
-            return f"{k} is shared with {others[0]} (tied weights)"
-    return None
-
-
-def _call_note(a: Analysis, module: nn.Module, paths: list[str]) -> str:
-    notes = []
-    if len(paths) > 1:
-        notes.append(f"shared: also at {', '.join(paths[1:])}")
-    if a.calls is not None:
-        calls = a.calls.get(id(module), 0)
+def _call_note(a: Analysis, c: _Candidate) -> str:
+    notes = [f"shared: also at {', '.join(c.paths[1:])}"] if len(c.paths) > 1 else []
+    if a.calls is not None and not c.inside:
+        calls = a.calls.get(id(c.module), 0)
         how = "traced forward" if a.traced else "forward on example_inputs"
-        if calls == 0 and id(module) not in a.weight_reads:
+        if calls == 0 and id(c.module) not in a.weight_reads:
             notes.append(f"not called by the {how}")
         elif calls > 1:
             notes.append(f"called {calls}x by the {how}")
     return "; ".join(notes)
 
 
-# ---- the swap ----------------------------------------------------------------------------------------
-def _set_path(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, attr, module)
-
-
-def transplant(model: nn.Module, old: nn.Module, new: nn.Module, paths: Iterable[str]) -> None:
-    """Put `new` at every path of `old` and hand it `old`'s forward/backward hooks.
-
-    The hook dicts themselves are moved, so RemovableHandles the user holds keep working.
-    """
-    for attr in _HOOK_DICTS:
-        if hasattr(old, attr):
-            setattr(new, attr, getattr(old, attr))
-    new._is_full_backward_hook = old._is_full_backward_hook
-    for path in paths:
-        _set_path(model, path, new)
-
-
-def _has_state_hooks(module: nn.Module) -> bool:
-    return any(getattr(module, attr, None) for attr in _STATE_HOOK_DICTS)
-
-
-# ---- public entry point --------------------------------------------------------------------------------
 @dataclass
 class _Plan:
-    candidate: _Candidate
+    candidate: _Candidate | None  # None: a plan read from a file (kronify.load)
     row: LayerRow
-    settings: dict | None  # None: stays as it is
+    settings: dict | None = None  # None: stays as it is
+    targets: list[_Target] = field(default_factory=list)
     problem: bool = False  # skipped for a reason the user did not choose (strict fails on these)
 
 
-def _validate_settings(settings: dict, where: str) -> int:
+def _validate(settings: dict, where: str) -> int:
     try:
         return resolve_algebra(settings["algebra"], settings["n"], settings["terms"])
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
 
-def _plan(
-    model: nn.Module, defaults: dict, selector: Selector, example_inputs: Any
-) -> tuple[list[_Plan], Analysis]:
+def _plan(model: nn.Module, config: KronConfig, selector: Selector, example_inputs: Any) -> tuple[list[_Plan], Analysis]:
     candidates = find_candidates(model)
     owners = _param_owners(model)
-    kron_ids = {id(c.module) for c in candidates}
-    analysis = analyse(model, [c.module for c in candidates], lambda m: id(m) in kron_ids or is_kron(m),
-                       example_inputs)
+    ids = {id(c.module) for c in candidates}
+    analysis = analyse(model, [c.module for c in candidates], lambda m: id(m) in ids, example_inputs)
+    defaults = {"n": config.n, "terms": config.terms, "algebra": config.algebra}
     plans = []
     for c in candidates:
         m = c.module
-        before = count_params(m)
-        row = LayerRow(name=c.name, kind=_kind(m), shape=_shape(m), n=None, terms=None,
-                       params_before=before, params_after=before, status="skipped")
-        plan = _Plan(c, row, None)
+        names = weight_names(m)
+        w = getattr(m, names[0][0])
+        row = LayerRow(name=c.name, kind=parametrize.type_before_parametrizations(m).__name__, shape=tuple(w.shape) if w is not None else (),
+                       n=None, terms=None, params_before=own_param_count(m), params_after=own_param_count(m),
+                       status="skipped")
+        plan = _Plan(c, row)
         plans.append(plan)
-        if is_kron(m):
-            row.n, row.terms = m.n, m.terms
-            row.reason = "already a Kronecker layer"
+        done = own_kron_parametrizations(m)
+        if done:
+            row.n, row.terms, row.reason = done[0].n, done[0].terms, "already a Kronecker layer"
             continue
-        base = _torch_base(m)
         settings, reason = selector.select(c.paths, m, defaults)
         if settings is None:
             row.reason = reason
             continue
-        row.terms = _validate_settings(settings, f"layer {c.name!r} (n={settings['n']}, terms={settings['terms']}, "
-                                                 f"algebra={settings['algebra']!r})")
         row.n = settings["n"]
-        problem = (_subclass_problem(m, base) or _state_problem(m, base, owners, c.paths)
-                   or _dims_problem(m, settings["n"]))
-        if problem:
-            row.reason, plan.problem = problem, True
-            continue
-        plan.settings = settings
-        row.reason = _call_note(analysis, m, c.paths)
+        row.terms = _validate(settings, f"layer {c.name!r} (n={settings['n']}, terms={settings['terms']}, "
+                                        f"algebra={settings['algebra']!r})")
+        for name, chunks in names:
+            target, problem = _target(m, name, chunks, settings["n"], owners)
+            if target is None:
+                row.reason, plan.problem, plan.targets = problem, True, []
+                break
+            plan.targets.append(target)
+        if not plan.problem:
+            plan.settings = settings
+            row.reason = _call_note(analysis, c)
     return plans, analysis
 
 
-def _build(plan: _Plan, warm_start: bool) -> nn.Module:
-    m, s = plan.candidate.module, plan.settings
-    cls = KronMultiheadAttention if isinstance(m, nn.MultiheadAttention) else KRON_LAYER_FOR[_torch_base(m)]
-    try:
-        new = cls.from_dense(m, s["n"], s["terms"], s["algebra"], warm_start=warm_start)
-    except Exception as e:
-        raise RuntimeError(f"converting {plan.row.name!r} ({_kind(m)}) failed: {e}") from e
-    if not any(p.requires_grad for p in m.parameters()):  # a frozen layer stays frozen
-        new.requires_grad_(False)
-    return new
+# ---- apply and undo --------------------------------------------------------------------------------
+class _Undo:
+    """Records each owner's state before its first registration and puts it back on `undo()`."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple] = []
+
+    def record(self, owner: nn.Module, tensor: str) -> None:
+        t = owner._parameters[tensor]
+        self._saved.append((owner, owner.__class__, dict(owner._parameters), dict(owner._modules), t, t.data))
+
+    def undo(self) -> None:
+        for owner, cls, params, modules, t, data in reversed(self._saved):
+            with torch.no_grad():
+                t.set_(data)  # a single-factor right_inverse set_()s the Parameter itself
+            owner.__class__, owner._parameters, owner._modules = cls, params, modules
+        self._saved.clear()
+
+
+def parametrize_weight(target: _Target, settings: dict, warm_start: bool) -> KronParametrization:
+    """Register a KronParametrization on `target`: warm start = the nearest Kronecker sum to the current
+    weight; cold start = fresh factors whose W has the current weight's standard deviation."""
+    t = target.owner._parameters[target.tensor]
+    p = KronParametrization(target.shape, settings["n"], settings["terms"], settings["algebra"], target.chunks)
+    p.to(device=t.device, dtype=t.dtype)
+    w = t.detach().double()
+    std = float(w.std()) if w.numel() > 1 else float(w.abs().sum())
+    p.param_order = list(target.owner._parameters)
+    parametrize.register_parametrization(target.owner, target.tensor, p, unsafe=True)
+    if not warm_start:
+        plist = target.owner.parametrizations[target.tensor]
+        p.cold_start([plist.original0, plist.original1] if p.learned else [plist.original], std)
+    return p
+
+
+def _combined_error(ps: list[KronParametrization], weights: list[Tensor]) -> float | None:
+    if any(p.fit_error is None for p in ps):
+        return None
+    sq = [float(w.detach().double().pow(2).sum()) for w in weights]
+    return math.sqrt(sum(p.fit_error ** 2 * s for p, s in zip(ps, sq)) / sum(sq)) if sum(sq) > 0 else 0.0
+
+
+def apply_plans(plans: list[_Plan], warm_start: bool) -> _Undo:
+    """Parametrize every planned target; on any error undo all of it and raise naming the layer."""
+    undo = _Undo()
+    for plan in plans:
+        try:
+            dense = [t.owner._parameters[t.tensor].detach() for t in plan.targets]
+            ps = []
+            for t in plan.targets:
+                undo.record(t.owner, t.tensor)
+                ps.append(parametrize_weight(t, plan.settings, warm_start))
+        except Exception as e:
+            undo.undo()
+            raise RuntimeError(f"converting {plan.row.name!r} ({plan.row.kind}) failed: {e}") from e
+        plan.row.status = "converted"
+        plan.row.params_after = own_param_count(plan.candidate.module) if plan.candidate else 0
+        plan.row.warm_start_error = _combined_error(ps, dense) if warm_start else None
+    return undo
+
+
+# ---- public entry point --------------------------------------------------------------------------------
+def _resolve_config(n: int | KronConfig, config: KronConfig | None, kwargs: dict) -> KronConfig:
+    if isinstance(n, KronConfig):
+        if config is not None:
+            raise TypeError("convert: pass the KronConfig once (as `n` or as `config=`), not twice")
+        config, n = n, 2
+    given = {k: v for k, v in kwargs.items() if v != KronConfig.__dataclass_fields__[k].default and
+             not (k == "overrides" and not v)}
+    if config is None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"n must be an integer >= 2, got n={n!r}")
+        return KronConfig(n=n, **kwargs)
+    if given or n != 2:
+        raise TypeError(f"convert: with a KronConfig, set {sorted(given) or ['n']} in the config, not as arguments")
+    if not isinstance(config, KronConfig):
+        raise TypeError(f"convert: config must be a KronConfig, got {type(config).__name__}")
+    return config
 
 
 def convert(
     model: nn.Module,
-    n: int = 2,
+    n: int | KronConfig = 2,
     *,
+    config: KronConfig | None = None,
     terms: int | None = None,
-    algebra: str = LEARNED,
+    algebra: str = "learned",
     warm_start: bool = False,
-    include: str | Iterable[str] | None = None,
-    exclude: str | Iterable[str] | None = None,
-    overrides: Mapping[Any, Mapping[str, Any] | None] | None = None,
+    include: Any = None,
+    exclude: Any = None,
+    overrides: Any = None,
     strict: bool = False,
     inplace: bool = True,
     example_inputs: Any = None,
 ) -> ConversionReport:
-    """Replace the Linear / Conv* / ConvTranspose* / MultiheadAttention layers of `model` by Kronecker layers.
+    """Give the weights of `model`'s Linear / Conv* / ConvTranspose* / Conv1D / MultiheadAttention layers
+    the Kronecker structure W = Σ_t A_t ⊗ F_t.
 
-    Args:
-        n: Kronecker factor size (integer >= 2); layers hold about 1/n of their dense parameters.
-        terms: number of Kronecker terms (1..n²; default n); algebra: "learned", "complex" (n=2),
-            "quaternion" (n=4).
-        warm_start: initialise each layer with the nearest Kronecker sum of its current weight
-            (`.warm_start_error` per row); otherwise a fresh init. Biases are always copied.
-        include / exclude: module names (exact or dotted suffix) or "re:<regex>" (full match);
-            exclude wins. overrides: {name | "re:<regex>" | module type: dict(n=, terms=, algebra=) or
-            None to leave that layer dense}. A pattern that matches nothing warns.
-        strict: raise if a selected layer cannot be converted (dims not divisible by n, depthwise
-            conv, subclass with its own forward, tied or extra weights), listing every such layer.
-        inplace: convert `model` itself; False converts a deep copy (`report.model`).
-        example_inputs: tensor or tuple passed to forward when torch.fx cannot trace the model, to
-            learn which layers run (buffers are restored afterwards).
+    Settings come from a `KronConfig` (`convert(model, cfg)` or `config=cfg`) or from the keyword
+    arguments of the same names (see KronConfig): n, terms, algebra, warm_start, include / exclude
+    (module names, dotted suffixes or "re:<regex>"; exclude wins), overrides ({name | "re:regex" | module
+    type: dict(n=, terms=, algebra=) or None to leave it dense}; a pattern matching nothing warns) and strict
+    (raise if a selected layer cannot be converted: dims not divisible by n, depthwise, tied or
+    non-parameter weights).
 
-    Layers reachable by several paths are converted once and stay shared; forward/backward hooks
-    move to the new layer; Kron layers already present are left alone. Any error leaves `model`
-    unchanged. Returns a ConversionReport (its `.model` is the converted model).
+    inplace=False converts a deep copy (`report.model`). example_inputs: a tensor or tuple run through the
+    model when torch.fx cannot trace it, to learn which layers run (buffers are restored afterwards).
+
+    Frozen weights give frozen factors; biases are not touched. Any error leaves `model` unchanged.
+    Returns a ConversionReport (`.model` is the converted model, `.config` the KronConfig).
     """
-    return _convert(model, n, terms=terms, algebra=algebra, warm_start=warm_start, include=include,
-                    exclude=exclude, overrides=overrides, strict=strict, inplace=inplace,
-                    example_inputs=example_inputs)[0]
-
-
-def _convert(
-    model: nn.Module, n: int, *, terms, algebra, warm_start, include, exclude, overrides, strict, inplace,
-    example_inputs,
-) -> tuple[ConversionReport, list[tuple[nn.Module, nn.Module, list[str]]]]:
-    """`convert`, also returning the applied swaps (old, new, paths) so that `restore` can undo them."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an integer >= 2, got n={n!r}")
-    defaults = {"n": n, "terms": terms, "algebra": algebra}
-    _validate_settings(defaults, "convert")
-    selector = Selector(include, exclude, overrides)
-    for key, value in selector.overrides.items():
-        if value is not None:
-            _validate_settings({**defaults, **value}, f"overrides[{key_repr(key)}]")
-    if _torch_base(model) is not None or is_kron(model):
-        raise TypeError(f"model is itself a {type(model).__name__}; wrap it in a container (e.g. nn.Sequential)")
-
+    config = _resolve_config(n, config, dict(terms=terms, algebra=algebra, warm_start=warm_start, include=include,
+                                             exclude=exclude, overrides=overrides or {}, strict=strict))
+    selector = Selector(config.include, config.exclude, config.overrides)
     target = model if inplace else copy.deepcopy(model)
     params_before = count_params(target)
-    plans, analysis = _plan(target, defaults, selector, example_inputs)
+    plans, analysis = _plan(target, config, selector, example_inputs)
 
     unused = selector.unused()
-    for what in unused:
-        warnings.warn(f"kronify.convert: {what} matched no layer", UserWarning, stacklevel=3)
-    if strict:
-        bad = [f"  {p.row.name}: {p.row.reason}" for p in plans if p.problem]
-        if bad:
-            raise ValueError(f"strict=True: {len(bad)} selected layer(s) cannot be converted:\n" + "\n".join(bad))
+    if unused:
+        warnings.warn(f"convert: {'; '.join(unused)} matched no layer", UserWarning, stacklevel=2)
+    problems = [p for p in plans if p.problem]
+    if config.strict and problems:
+        raise ValueError(f"strict=True: {len(problems)} selected layer(s) cannot be converted: "
+                         + "; ".join(f"{p.row.name} ({p.row.reason})" for p in problems))
     todo = [p for p in plans if p.settings is not None]
     if not todo:
-        why = "; ".join(f"{p.row.name}: {p.row.reason}" for p in plans[:8]) or "no Linear/Conv/attention layers"
+        why = "; ".join(f"{p.row.name}: {p.row.reason}" for p in plans[:8]) or "no layers with weights"
         extra = f" ({'; '.join(unused)} matched no layer)" if unused else ""
         raise ValueError(f"nothing to convert{extra}: {why}{' ...' if len(plans) > 8 else ''}")
-
-    built = [_build(p, warm_start) for p in todo]  # may raise: the model is still untouched
-
-    swaps = []
-    for p, new in zip(todo, built):
-        old = p.candidate.module
-        transplant(target, old, new, p.candidate.paths)
-        swaps.append((old, new, p.candidate.paths))
-        p.row.status = "converted"
-        p.row.params_after = count_params(new)
-        p.row.warm_start_error = new.warm_start_error
-        if _has_state_hooks(old):
-            p.row.reason = "; ".join(filter(None, [p.row.reason, "state_dict hooks not carried over"]))
-    report = ConversionReport(
-        model=target,
-        rows=[p.row for p in plans],
-        params_before=params_before,
-        params_after=count_params(target),
-        traced=analysis.traced,
-        trace_error=analysis.error,
-    )
-    return report, swaps
-
-
-def restore(model: nn.Module, swaps: list[tuple[nn.Module, nn.Module, list[str]]]) -> None:
-    """Undo `transplant`s: swaps are (old, new, paths) as they were applied."""
-    for old, new, paths in reversed(swaps):
-        transplant(model, new, old, paths)
+    apply_plans(todo, config.warm_start)
+    return ConversionReport(model=target, rows=[p.row for p in plans], params_before=params_before,
+                            params_after=count_params(target), traced=analysis.traced, trace_error=analysis.error,
+                            config=config)

@@ -1,29 +1,31 @@
-"""kronify.save / kronify.load: a converted model as one file (conversion settings + weights).
+"""kronify.save / kronify.load: a converted model as one safetensors file, no pickle.
 
-The file is a `torch.save` archive of a dict: "kronify" holds a JSON string
-{"format": 1, "kronify_version": ..., "layers": {name: {"n", "terms", "algebra"}}} and "state_dict"
-the model's state dict. It is read back with `torch.load(weights_only=True)`, so loading executes
-no pickled code. `load` rebuilds the Kronecker skeleton on a freshly built dense model (no warm
-start) and then loads the weights strictly.
+The file holds the model's state dict (Kronecker factors under torch's parametrize names,
+`<layer>.parametrizations.weight.original0/1`) and, in the safetensors metadata under "kronify", a JSON
+record {"format": 2, "kronify_version": ..., "config": <KronConfig or null>, "tensors": [{"owner":
+module name, "tensor": name, "shape": [...], "chunks": c, "n", "terms", "algebra"}, ...]}. Tensors that
+share memory (tied weights) are stored once each under every name, as safetensors requires. `load`
+parametrizes exactly the recorded tensors of a freshly built dense model and loads the weights strictly.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
-import warnings
 from importlib import metadata
 
 import torch
 from torch import nn
 
-from kronify.convert import _convert, find_candidates, is_kron, restore
+from kronify.config import KronConfig
+from kronify.convert import _Plan, _Target, apply_plans
+from kronify.parametrization import kron_parametrizations
+from kronify.report import LayerRow
 
-__all__ = ["save", "load"]
+__all__ = ["save", "load", "read_record"]
 
-FORMAT = 1
+FORMAT = 2
 
 
 def _version() -> str:
@@ -33,30 +35,29 @@ def _version() -> str:
         return "unknown"
 
 
-def conversion_config(model: nn.Module) -> dict:
-    """{layer name: kron_config()} for every Kron layer of `model` (first path of shared layers)."""
-    return {c.name: c.module.kron_config() for c in find_candidates(model) if is_kron(c.module)}
+def save(model: nn.Module, path: str | os.PathLike, config: KronConfig | None = None) -> None:
+    """Write `model`'s Kronecker layout and state dict to the safetensors file `path`, atomically
+    (a temporary file in the same folder, then os.replace). `config`, if given, is stored with it."""
+    from safetensors.torch import save_file
 
-
-def save(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write the conversion settings and the state dict of `model` to the single file `path`.
-
-    Written to a temporary file in the same directory, then moved over `path` with os.replace,
-    so an interrupted save never leaves a truncated file behind.
-    """
-    layers = conversion_config(model)
-    if not layers:
-        raise ValueError("save: the model has no Kronecker layers (convert it first, or use torch.save)")
-    meta = {"format": FORMAT, "kronify_version": _version(), "layers": layers}
-    payload = {"kronify": json.dumps(meta), "state_dict": model.state_dict()}
+    tensors = [{"owner": owner_name, "tensor": name, "shape": list(p.shape), "chunks": p.chunks, **p.config()}
+               for owner_name, _, name, p in kron_parametrizations(model)]
+    if not tensors:
+        raise ValueError("save: the model has no Kronecker layers (convert it first, or use safetensors directly)")
+    record = {"format": FORMAT, "kronify_version": _version(), "tensors": tensors,
+              "config": config.to_dict() if config is not None else None}
+    seen: set[int] = set()
+    state = {}
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        state[k] = v.clone().contiguous() if v.data_ptr() in seen else v.contiguous()
+        seen.add(v.data_ptr())
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
                                dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
+        save_file(state, tmp, metadata={"kronify": json.dumps(record)})
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -64,50 +65,64 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         raise
 
 
-def read_config(path: str | os.PathLike) -> tuple[dict, dict]:
-    """(settings dict, state dict) stored by `save`."""
-    payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or "kronify" not in payload or "state_dict" not in payload:
-        raise ValueError(f"{os.fspath(path)!r} is not a kronify.save file")
-    meta = json.loads(payload["kronify"])
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{os.fspath(path)!r}: unsupported kronify file format {meta.get('format')!r}")
-    return meta, payload["state_dict"]
+def read_record(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(kronify record, state dict) stored by `save`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
 
-
-def load(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Convert `base_model` (the dense architecture) as recorded in `path`, then load its weights strictly.
-
-    Returns `base_model`, converted in place. On any error (a recorded layer missing or not
-    convertible, missing / unexpected / mis-shaped keys) `base_model` is left unchanged.
-    """
-    meta, state = read_config(path)
-    layers = meta["layers"]
-    exact = {f"re:{re.escape(name)}": cfg for name, cfg in layers.items()}
+    path = os.fspath(path)
     try:
-        with warnings.catch_warnings():  # unmatched names are reported below as an error, not a warning
-            warnings.simplefilter("ignore", UserWarning)
-            _, swaps = _convert(base_model, 2, terms=None, algebra="learned", warm_start=False, include=list(exact),
-                                exclude=None, overrides=exact, strict=True, inplace=True, example_inputs=None)
-    except ValueError as e:
-        raise ValueError(f"load: cannot rebuild the converted layers of {os.fspath(path)!r} on this model: {e}") from e
-    converted = {c.name for c in find_candidates(base_model) if is_kron(c.module)}
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from None
+    if "kronify" not in meta:
+        raise ValueError(f"{path!r} is not a kronify.save file (no 'kronify' metadata)")
+    record = json.loads(meta["kronify"])
+    if record.get("format") != FORMAT:
+        raise ValueError(f"{path!r}: unsupported kronify file format {record.get('format')!r}")
+    return record, load_file(path)
+
+
+def _plans(base: nn.Module, record: dict) -> list[_Plan]:
+    plans = []
+    for entry in record["tensors"]:
+        where = f"{entry['owner']}.{entry['tensor']}" if entry["owner"] else entry["tensor"]
+        try:
+            owner = base.get_submodule(entry["owner"])
+        except AttributeError:
+            raise ValueError(f"load: layer {entry['owner']!r} recorded in the file is not in the model") from None
+        t = owner._parameters.get(entry["tensor"])
+        if t is None or tuple(t.shape) != tuple(entry["shape"]):
+            got = "missing" if t is None else f"of shape {tuple(t.shape)}"
+            raise ValueError(f"load: {where} is {got} in the model; the file has shape {tuple(entry['shape'])}")
+        row = LayerRow(name=where, kind=type(owner).__name__, shape=tuple(t.shape), n=entry["n"],
+                       terms=entry["terms"], params_before=0, params_after=0, status="skipped")
+        settings = {k: entry[k] for k in ("n", "terms", "algebra")}
+        plans.append(_Plan(candidate=None, row=row, settings=settings,
+                           targets=[_Target(owner, entry["tensor"], tuple(t.shape), entry["chunks"])]))
+    return plans
+
+
+def load(base: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Parametrize `base` (the dense architecture, freshly built) as recorded in `path` and load its weights
+    strictly. Returns `base`, converted in place; on any error (a recorded layer missing or of another shape,
+    missing / unexpected / mis-shaped keys) `base` is left as it was."""
+    record, state = read_record(path)
+    plans = _plans(base, record)
+    undo = apply_plans(plans, warm_start=True)
     try:
-        missing_layers = sorted(set(layers) - converted)
-        if missing_layers:
-            raise ValueError(f"load: layers recorded in the file not found in the model: {missing_layers}")
-        own = base_model.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
+        own = base.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
         if missing or unexpected or shapes:
             parts = [f"missing keys {missing}" if missing else "", f"unexpected keys {unexpected}" if unexpected else "",
                      "shape mismatch for " + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                                                        for k in shapes) if shapes else ""]
-            raise ValueError(f"load: state dict in {os.fspath(path)!r} does not fit the model: "
+            raise ValueError(f"load: the state dict in {os.fspath(path)!r} does not fit the model: "
                              + "; ".join(p for p in parts if p))
-        base_model.load_state_dict(state, strict=True)
+        base.load_state_dict(state, strict=True)
     except BaseException:
-        restore(base_model, swaps)
+        undo.undo()
         raise
-    return base_model
+    return base

@@ -104,6 +104,14 @@ class _KronWeight(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def jvp(ctx, dA: Tensor | None, dF: Tensor | None) -> Tensor:
+        """Forward-mode AD (torch.func.jvp / jacfwd): dW = Σ_t dA_t ⊗ F_t + A_t ⊗ dF_t (W is bilinear)."""
+        A, F = ctx.saved_tensors
+        parts = [_kron_weight_composite(a, f) for a, f in ((dA, F), (A, dF)) if a is not None and f is not None]
+        return parts[0] + parts[1] if len(parts) == 2 else parts[0]
 
     @staticmethod
     def vmap(info, in_dims, A: Tensor, F: Tensor):

@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from kronify.layers.base import KronMixin
+from kronify.config import KronConfig
+from kronify.merge import merge
+from kronify.parametrization import kron_parametrizations
 
 
 @dataclass
@@ -40,6 +42,14 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def own_param_count(module: nn.Module) -> int:
+    """Parameters of `module` itself, its Kronecker factors included, not those of its child layers."""
+    params = {id(p): p for p in module.parameters(recurse=False)}
+    if "parametrizations" in module._modules:
+        params.update((id(p), p) for p in module._modules["parametrizations"].parameters())
+    return sum(p.numel() for p in params.values())
+
+
 def _fmt_int(x: int) -> str:
     return f"{x:,}"
 
@@ -59,6 +69,7 @@ class ConversionReport:
     params_after: int = 0
     traced: bool = False
     trace_error: str | None = None
+    config: KronConfig | None = None
 
     @property
     def converted(self) -> list[str]:
@@ -134,24 +145,21 @@ class ConversionReport:
             "converted_ratio": self.converted_ratio,
             "traced": self.traced,
             "trace_error": self.trace_error,
+            "config": self.config.to_dict() if self.config is not None else None,
         }
 
     def flops(self, example_inputs: Any) -> dict[str, int]:
         """Forward FLOPs of the dense and of the converted model, counted by torch.utils.flop_counter.
 
         FLOPs are what FlopCounterMode counts: 2 per multiply-accumulate of matmuls and convolutions.
-        `dense` is the model with every Kron layer merged back (`kronify.merge` on a copy), i.e. the
-        original layer shapes. `converted` is the converted model's forward in eval mode without the
-        rebuild of the dense weights from the factors (Σ A⊗F), which is paid once per weight update,
-        not per sample; that rebuild is given separately as `weight_rebuild`: 2·terms FLOPs per dense
-        weight entry, summed over the Kron layers, counted from their shapes (large weights are built by
-        elementwise multiply-adds, which FlopCounterMode does not see). Kron layers run the
-        dense op, so `converted` equals `dense` (FLOPs do not drop; parameters do).
-        `example_inputs` is a tensor or a tuple of positional inputs.
+        `dense` is the model merged back (`kronify.merge` on a copy). `converted` is the converted model's
+        forward without the build of the dense weights from the factors (Σ A⊗F), which is paid once per
+        weight update, not per sample; that build is `weight_rebuild`: 2·terms FLOPs per dense weight entry,
+        counted from the shapes. Converted layers run the dense op, so `converted` equals `dense` (FLOPs do
+        not drop; parameters do). The model is run in eval mode; its modes are restored and no built weight
+        stays cached. `example_inputs` is a tensor or a tuple of positional inputs.
         """
         from torch.utils.flop_counter import FlopCounterMode
-
-        from kronify.merge import merge
 
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
@@ -169,15 +177,17 @@ class ConversionReport:
         dense = merge(copy.deepcopy(self.model), inplace=True).eval()
         model = self.model
         modes = [(m, m.training) for m in model.modules()]
-        model.eval()  # Kron layers cache their dense weight in eval mode under no_grad
-        kron_layers = [m for m in model.modules() if isinstance(m, KronMixin)]
+        kron = [(owner, name, p) for _, owner, name, p in kron_parametrizations(model)]
+        model.eval()
         try:
             with torch.no_grad():
-                for m in kron_layers:
-                    m.weight  # noqa: B018 -- builds and caches the dense weight, so `count` sees none built
-            converted = count(model)
+                for owner, name, _ in kron:
+                    getattr(owner, name)  # builds and caches W in eval mode, so `count` sees no build
+                converted = count(model)
         finally:
             for m, mode in modes:
                 m.training = mode
-        rebuild = sum(m.weight_build_flops() for m in kron_layers)
+            for _, _, p in kron:
+                p.clear_cache()
+        rebuild = sum(p.build_flops() for _, _, p in kron)
         return {"dense": count(dense), "converted": converted, "weight_rebuild": rebuild}

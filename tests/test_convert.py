@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
 import warnings
 
 import pytest
@@ -16,11 +17,20 @@ from hypothesis import strategies as st
 from torch import nn
 
 import kronify
-from kronify import KronConv2d, KronLinear, kron_param_count
+from kronify import kron_param_count
 from kronify.convert import is_kron
-from kronify.kron import _kron_weight_composite
-from kronify.layers.base import KronMixin
+from kronify.parametrization import kron_parametrizations
 from kronify.patterns import name_matches
+
+
+def kron_of(layer: nn.Module, name: str = "weight"):
+    """The KronParametrization of layer.<name>."""
+    return layer.parametrizations[name][0]
+
+
+def factor(layer: nn.Module, name: str = "weight") -> torch.Tensor:
+    """The F factor of layer.<name> (learned algebra)."""
+    return layer.parametrizations[name].original1
 
 
 class Net(nn.Module):
@@ -72,7 +82,7 @@ def test_include_exclude_and_exclude_wins():
     assert set(rep.converted) == {"head.fc1", "body.0"}
     assert rep.skipped["body.2"] == "excluded by 'body.2'"
     assert rep.skipped["head.fc2"] == "not matched by include"
-    assert isinstance(rep.model.head["fc1"], KronLinear) and type(rep.model.head["fc2"]) is nn.Linear
+    assert is_kron(rep.model.head["fc1"]) and type(rep.model.head["fc2"]) is nn.Linear
 
 
 def test_overrides_by_name_regex_type_and_none():
@@ -86,14 +96,15 @@ def test_overrides_by_name_regex_type_and_none():
     assert (rows["body.0"].n, rows["body.0"].terms) == (4, 4)  # per-layer n, default terms = that n
     assert rows["body.2"].status == "skipped" and "None" in rows["body.2"].reason
     m = rep.model
-    assert m.head["fc2"].kron_config() == {"n": 3, "terms": 2, "algebra": "learned"}
-    assert m.body[0].kron_config() == {"n": 4, "terms": 4, "algebra": "learned"}
+    assert kron_of(m.head["fc2"]).config() == {"n": 3, "terms": 2, "algebra": "learned"}
+    assert kron_of(m.body[0]).config() == {"n": 4, "terms": 4, "algebra": "learned"}
 
 
 def test_fixed_algebra_override():
     rep = kronify.convert(Net(), overrides={"body.0": {"algebra": "complex"}})
-    assert rep.model.body[0].algebra == "complex"
-    assert not any(name.endswith("body.0.A") for name, _ in rep.model.named_parameters())
+    assert kron_of(rep.model.body[0]).algebra == "complex"
+    assert not any(name.endswith(".A") for name, _ in rep.model.named_parameters())
+    assert "body.0.parametrizations.weight.0.A" in dict(rep.model.named_buffers())
 
 
 @pytest.mark.parametrize(
@@ -141,27 +152,28 @@ def test_strict_lists_every_unconvertible_layer_and_leaves_model_unchanged():
         kronify.convert(model, strict=True)
     msg = str(err.value)
     assert "3 selected layer(s)" in msg
-    assert "0: in_channels/groups=3 not divisible by n=2" in msg
-    assert "1: depthwise conv" in msg and "3: out_features=5 not divisible by n=2" in msg
+    assert "0 (weight of shape (8, 3, 3, 3): dim 1 = 3 not divisible by n=2)" in msg
+    assert "1 (depthwise weight" in msg and "3 (weight of shape (5, 8): dim 0 = 5 not divisible by n=2)" in msg
     assert_unchanged(model, snap)
     rep = kronify.convert(model)  # not strict: the same layers are skipped with their reasons
     assert rep.converted == ["2"] and set(rep.skipped) == {"0", "1", "3"}
-    assert rep.skipped["1"] == "depthwise conv (groups == in_channels)"
+    assert rep.skipped["1"] == "depthwise weight of shape (8, 1, 3, 3): dim 1 = 1 not divisible by n=2"
 
 
 def test_error_while_building_leaves_model_unchanged(monkeypatch):
     model = Net()
     snap = snapshot(model)
     calls = []
-    original = KronLinear.from_dense.__func__
+    module = sys.modules["kronify.convert"]
+    original = module.parametrize_weight
 
-    def failing(cls, layer, *args, **kwargs):
-        calls.append(layer)
-        if len(calls) == 2:
+    def failing(target, *args, **kwargs):  # the 4th weight (head.fc2) fails after 3 were parametrized
+        calls.append(target)
+        if len(calls) == 4:
             raise RuntimeError("boom")
-        return original(cls, layer, *args, **kwargs)
+        return original(target, *args, **kwargs)
 
-    monkeypatch.setattr(KronLinear, "from_dense", classmethod(failing))
+    monkeypatch.setattr(module, "parametrize_weight", failing)
     with pytest.raises(RuntimeError, match="converting 'head.fc2' \\(Linear\\) failed: boom"):
         kronify.convert(model, warm_start=True)
     assert_unchanged(model, snap)
@@ -173,7 +185,7 @@ def test_inplace_false_leaves_input_untouched():
     rep = kronify.convert(model, inplace=False, warm_start=True)
     assert_unchanged(model, snap)
     assert rep.model is not model and type(rep.model) is Net
-    assert isinstance(rep.model.body[0], KronConv2d)
+    assert is_kron(rep.model.body[0]) and isinstance(rep.model.body[0], nn.Conv2d)
 
 
 def test_model_keeps_class_methods_and_works_with_to_and_state_dict():
@@ -183,7 +195,7 @@ def test_model_keeps_class_methods_and_works_with_to_and_state_dict():
     x = x_net()
     y = model(x)
     model.to(torch.float64)
-    assert model.head["fc1"].F.dtype == torch.float64
+    assert factor(model.head["fc1"]).dtype == torch.float64
     torch.testing.assert_close(model(x.double()).float(), y, rtol=1e-4, atol=1e-5)
     other = kronify.convert(Net().double(), terms=4).model
     other.load_state_dict(model.state_dict())
@@ -209,7 +221,7 @@ def test_shared_modules_converted_once_and_stay_shared():
     model = Unrolled()
     dense_params = sum(p.numel() for p in model.parameters())
     rep = kronify.convert(model)
-    assert model.alias is model.denoiser[0] and isinstance(model.alias, KronLinear)
+    assert model.alias is model.denoiser[0] and is_kron(model.alias)
     names = [r.name for r in rep.rows]
     assert names.count("denoiser.0") == 1 and "alias" not in names
     rows = {r.name: r for r in rep.rows}
@@ -220,7 +232,7 @@ def test_shared_modules_converted_once_and_stay_shared():
     assert rep.params_after == sum(p.numel() for p in model.parameters())
     assert rep.params_before - rep.params_after == sum(r.params_before - r.params_after for r in rep.rows)
     model(torch.randn(2, 8)).sum().backward()
-    assert model.denoiser[0].F.grad is not None
+    assert factor(model.denoiser[0]).grad is not None
 
 
 class Dynamic(nn.Module):
@@ -248,7 +260,7 @@ def test_untraceable_model_falls_back_and_example_inputs_find_called_layers():
 
 
 class WSConv2d(nn.Conv2d):
-    """Weight-standardised conv (as timm's StdConv2d): its own forward."""
+    """Weight-standardised conv (as timm's StdConv2d): its own forward transforms self.weight."""
 
     def forward(self, x):
         w = self.weight
@@ -264,33 +276,65 @@ def test_subclasses_tied_weight_norm_and_already_kron():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         old_weight_norm = nn.utils.weight_norm(nn.Linear(4, 4))
+    done = nn.Sequential(nn.Linear(4, 4))
+    kronify.convert(done)
     model = nn.Sequential(WSConv2d(4, 4, 3), nn.Flatten(), TaggedLinear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4),
-                          old_weight_norm, KronLinear(4, 4, n=2),
-                          nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)))
+                          old_weight_norm, done[0], nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)))
     model[4].weight = model[3].weight  # tied
-    rep = kronify.convert(model)
-    assert rep.skipped["0"] == "WSConv2d subclasses Conv2d with its own forward"
-    assert "2" in rep.converted and isinstance(model[2], KronLinear)
+    rep = kronify.convert(model, warm_start=True, terms=4)
+    assert {"0", "2", "7"} <= set(rep.converted)
+    assert isinstance(model[0], WSConv2d) and isinstance(model[2], TaggedLinear) and is_kron(model[2])
     assert "tied weights" in rep.skipped["3"] and "tied weights" in rep.skipped["4"]
-    assert "weight_g" in rep.skipped["5"]
+    assert "not a parameter" in rep.skipped["5"]
     assert rep.skipped["6"] == "already a Kronecker layer"
-    assert rep.skipped["7"] == "has torch.nn.utils.parametrize parametrizations"
-    assert isinstance(model[0], WSConv2d) and model[3].weight is model[4].weight
+    assert model[3].weight is model[4].weight
 
 
-def test_hooks_move_to_the_new_layer():
+def test_subclass_forward_sees_the_kronecker_weight():
+    """StdConv-like forward standardizes the Kronecker weight: same output as the dense layer holding W."""
+    torch.manual_seed(0)
+    conv = WSConv2d(4, 6, 3)
+    kronify.convert(nn.Sequential(conv))
+    dense = WSConv2d(4, 6, 3)
+    with torch.no_grad():
+        dense.weight.copy_(conv.weight)
+        dense.bias.copy_(conv.bias)
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(conv(x), dense(x))
+
+
+def test_weight_under_another_parametrization_gets_kronecker_original():
+    """weight_norm (parametrize) keeps g and its own forward; its direction v becomes the Kronecker sum."""
+    torch.manual_seed(0)
+    layer = nn.utils.parametrizations.weight_norm(nn.Linear(4, 6)).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    y = layer(x)
+    kronify.convert(nn.Sequential(layer), warm_start=True, terms=4)
+    plist = layer.parametrizations.weight
+    assert is_kron(layer) and isinstance(plist.parametrizations.original1[0], kronify.KronParametrization)
+    torch.testing.assert_close(layer(x), y)  # exact at terms = n²
+    v = plist.original1
+    g = plist.original0
+    torch.testing.assert_close(layer.weight, g * v / v.norm(dim=1, keepdim=True))
+    merged = kronify.merge(nn.Sequential(layer))[0]
+    assert not is_kron(merged) and torch.allclose(merged(x), y)
+
+
+def test_hooks_stay_on_the_layer():
     model = Net()
+    fc1 = model.head["fc1"]
     seen = []
-    h1 = model.head["fc1"].register_forward_hook(lambda m, i, o: seen.append(("fwd", type(m).__name__)))
-    model.head["fc1"].register_forward_pre_hook(lambda m, i: seen.append(("pre", type(m).__name__)))
+    h1 = fc1.register_forward_hook(lambda m, i, o: seen.append(("fwd", m is fc1)))
+    fc1.register_forward_pre_hook(lambda m, i: seen.append(("pre", m is fc1)))
     model.register_forward_hook(lambda m, i, o: seen.append(("model", type(m).__name__)))
     kronify.convert(model)
+    assert model.head["fc1"] is fc1 and is_kron(fc1)
     model(x_net())
-    assert seen == [("pre", "KronLinear"), ("fwd", "KronLinear"), ("model", "Net")]
-    h1.remove()  # the user's handle still controls the moved hook
+    assert seen == [("pre", True), ("fwd", True), ("model", "Net")]
+    h1.remove()  # the user's handle still controls the hook
     seen.clear()
     model(x_net())
-    assert seen == [("pre", "KronLinear"), ("model", "Net")]
+    assert seen == [("pre", True), ("model", "Net")]
 
 
 def test_training_mode_and_frozen_layers_are_kept():
@@ -303,6 +347,19 @@ def test_training_mode_and_frozen_layers_are_kept():
     assert all(p.requires_grad for p in model.body[2].parameters())
 
 
+def test_frozen_ness_carries_per_tensor():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[0].weight.requires_grad_(False)  # frozen weight, trainable bias
+    model[1].bias.requires_grad_(False)  # trainable weight, frozen bias
+    kronify.convert(model)
+    w0 = model[0].parametrizations.weight
+    assert not w0.original0.requires_grad and not w0.original1.requires_grad and model[0].bias.requires_grad
+    w1 = model[1].parametrizations.weight
+    assert w1.original0.requires_grad and w1.original1.requires_grad and not model[1].bias.requires_grad
+    merged = kronify.merge(model)
+    assert not merged[0].weight.requires_grad and merged[1].weight.requires_grad
+
+
 def test_ddp_single_process_gloo(tmp_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -312,10 +369,10 @@ def test_ddp_single_process_gloo(tmp_path):
     try:
         ddp = DDP(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        before = model.head["fc1"].F.detach().clone()
+        before = factor(model.head["fc1"]).detach().clone()
         ddp(x_net()).square().mean().backward()
         opt.step()
-        assert not torch.equal(before, model.head["fc1"].F)
+        assert not torch.equal(before, factor(model.head["fc1"]))
     finally:
         dist.destroy_process_group()
 
@@ -327,7 +384,7 @@ def test_torch_compile_eager_backend():
     compiled = torch.compile(model, backend="eager")
     torch.testing.assert_close(compiled(x), model(x))
     compiled(x).sum().backward()
-    assert model.body[0].F.grad is not None
+    assert factor(model.body[0]).grad is not None
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="inductor needs a C compiler on CPU")
@@ -347,7 +404,7 @@ def test_torch_compile_inductor_train_and_eval():
     y.square().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     with torch.no_grad():
-        model[4].F.mul_(2)  # a parameter update must reach the compiled graph
+        factor(model[4]).mul_(2)  # a parameter update must reach the compiled graph
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
@@ -361,15 +418,15 @@ def test_report_fields_table_and_json_round_trip():
     assert rep.params_before == before and rep.params_after == sum(p.numel() for p in model.parameters())
     assert rep.traced is True and rep.trace_error is None and rep.model is model
     assert rep.converted == ["body.0", "body.2", "head.fc1", "head.fc2"]
-    assert rep.skipped == {"stem": "in_channels/groups=3 not divisible by n=2"}
+    assert rep.skipped == {"stem": "weight of shape (8, 3, 3, 3): dim 1 = 3 not divisible by n=2"}
     row = rep.rows[1]
     assert (row.name, row.kind, row.shape, row.n, row.terms, row.status) == ("body.0", "Conv2d", (8, 8, 3, 3), 2, 2,
                                                                              "converted")
     assert row.params_before == 8 * 8 * 9 + 8
-    assert row.params_after == kron_param_count(8, 8, (3, 3), 2, 2, True)
+    assert row.params_after == 2 * 2 * 2 + 2 * 4 * 4 * 9 + 8 == kron_param_count((8, 8, 3, 3), 2, 2) + 8
     assert 0 < row.warm_start_error < 1
     text = str(rep)
-    assert all(name in text for name in ["stem", "body.0", "head.fc2", "skipped: in_channels/groups=3"])
+    assert all(name in text for name in ["stem", "body.0", "head.fc2", "skipped: weight of shape (8, 3, 3, 3)"])
     assert f"{before:,}" in text and f"{rep.params_after:,}" in text and f"x{rep.ratio:.3f}" in text
     d = rep.to_dict()
     assert json.loads(json.dumps(d)) == d
@@ -389,12 +446,13 @@ def test_flops_dense_equals_converted_and_rebuild_is_separate():
     flops = rep.flops(x)
     assert flops["dense"] == counter.get_total_flops() == flops["converted"]
     # the rebuild counts as the composite Σ A⊗F (one matmul per layer) counts under FlopCounterMode
-    kron_layers = [m for m in rep.model.modules() if isinstance(m, KronMixin)]
+    kron = [p for _, _, _, p in kron_parametrizations(rep.model)]
     with FlopCounterMode(display=False) as build:
-        for m in kron_layers:
-            _kron_weight_composite(m.A, m.F)
-    assert len(kron_layers) > 1 and flops["weight_rebuild"] == build.get_total_flops() > 0
+        for _, owner, _, p in kron_parametrizations(rep.model):
+            p.build(owner.parametrizations.weight.original0, owner.parametrizations.weight.original1)
+    assert len(kron) > 1 and flops["weight_rebuild"] == build.get_total_flops() > 0
     assert rep.model.training and rep.model.head["fc1"].training  # modes restored
+    assert all(p._cache is None for p in kron)  # no dense weight left cached in train mode
 
 
 # ---- property test: per-layer counts add up --------------------------------------------------------
@@ -409,14 +467,14 @@ def stacks(draw):
         groups = draw(st.sampled_from([g for g in (1, 2) if ch % g == 0 and out % g == 0]))
         layers.append(nn.Conv2d(ch, out, k, padding=k // 2, groups=groups, bias=bias))
         ok = out % n == 0 and (ch // groups) % n == 0 and not (groups > 1 and groups == ch)
-        expected[str(len(layers) - 1)] = kron_param_count(out, ch // groups, (k, k), n, None, bias) if ok else None
+        expected[str(len(layers) - 1)] = kron_param_count((out, ch // groups, k, k), n, n) + out * bias if ok else None
         ch = out
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     for i in range(draw(st.integers(1, 3))):
         out, bias = draw(st.sampled_from([n, 3 * n, 5])), draw(st.booleans())
         layers.append(nn.Linear(ch, out, bias=bias))
         ok = out % n == 0 and ch % n == 0
-        expected[str(len(layers) - 1)] = kron_param_count(out, ch, (), n, None, bias) if ok else None
+        expected[str(len(layers) - 1)] = n**3 + out * ch // n + out * bias if ok else None
         ch = out
     return n, cin, nn.Sequential(*layers), expected
 

@@ -86,45 +86,57 @@ def test_merged_model_exports_with_jit_trace_and_onnx(tmp_path):
 
 
 def test_save_load_round_trip_with_mixed_settings(tmp_path):
-    model = converted(overrides={"conv": {"n": 4, "terms": 16}, "fc": {"algebra": "complex"}, "out": None})
-    path = tmp_path / "m.pt"
-    kronify.save(model, path)
-    payload = torch.load(path, weights_only=True)
-    meta = json.loads(payload["kronify"])
-    assert meta["kronify_version"] and meta["format"] == 1
-    assert meta["layers"]["conv"] == {"n": 4, "terms": 16, "algebra": "learned"}
-    assert meta["layers"]["fc"] == {"n": 2, "terms": 2, "algebra": "complex"}
-    assert "out" not in meta["layers"] and "fc_again" not in meta["layers"]
+    from safetensors import safe_open
+
+    cfg = kronify.KronConfig(overrides={"conv": {"n": 4, "terms": 16}, "fc": {"algebra": "complex"}, "out": None})
+    model = converted(overrides=cfg.overrides)
+    path = tmp_path / "m.safetensors"
+    kronify.save(model, path, config=cfg)
+    with safe_open(str(path), framework="pt") as f:  # a plain safetensors file: no pickle anywhere
+        record = json.loads(f.metadata()["kronify"])
+        keys = set(f.keys())
+    assert record["kronify_version"] and record["format"] == 2
+    assert kronify.KronConfig.from_dict(record["config"]) == cfg
+    tensors = {(t["owner"], t["tensor"]): t for t in record["tensors"]}
+    assert tensors["conv", "weight"] == {"owner": "conv", "tensor": "weight", "shape": [8, 4, 3, 3], "chunks": 1,
+                                             "n": 4, "terms": 16, "algebra": "learned"}
+    assert tensors["fc", "weight"]["algebra"] == "complex" and tensors["attn", "in_proj_weight"]["chunks"] == 3
+    assert ("out", "weight") not in tensors and ("fc_again", "weight") not in tensors
+    assert "conv.parametrizations.weight.original0" in keys and "out.weight" in keys
     base = Model().eval()
     loaded = kronify.load(base, path)
     assert loaded is base and loaded.fc_again is loaded.fc and type(loaded.out) is nn.Linear
-    assert loaded.attn.kron_config() == model.attn.kron_config()
+    assert loaded.attn.parametrizations.in_proj_weight[0].config() == model.attn.parametrizations.in_proj_weight[0].config()
     x = x_in()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
 def snapshot(model):
-    return [id(m) for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
+    return [(id(m), type(m)) for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def assert_same(model, snap):
     ids, state = snap
-    assert [id(m) for m in model.modules()] == ids
+    assert [(id(m), type(m)) for m in model.modules()] == ids
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and state.keys() == model.state_dict().keys()
+    assert not any(is_kron(m) for m in model.modules())
 
 
 def test_load_errors_name_keys_and_leave_base_unchanged(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
     model = converted()
-    path = tmp_path / "m.pt"
+    path = tmp_path / "m.safetensors"
     kronify.save(model, path)
-    sd = model.state_dict()
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(str(path))
 
     # extra and missing keys in the file
-    bad = tmp_path / "bad.pt"
-    payload = torch.load(path, weights_only=True)
-    payload["state_dict"] = {**{k: v for k, v in sd.items() if k != "out.bias"}, "extra.weight": torch.zeros(1)}
-    torch.save(payload, bad)
+    bad = tmp_path / "bad.safetensors"
+    save_file({**{k: v for k, v in state.items() if k != "out.bias"}, "extra.weight": torch.zeros(1)}, str(bad), meta)
     base = Model()
     snap = snapshot(base)
     with pytest.raises(ValueError, match=r"missing keys \['out.bias'\]; unexpected keys \['extra.weight'\]"):
@@ -134,35 +146,41 @@ def test_load_errors_name_keys_and_leave_base_unchanged(tmp_path):
     # a different architecture: a recorded layer does not exist / has other dims
     other = nn.Sequential(nn.Linear(8, 8))
     snap = snapshot(other)
-    with pytest.raises(ValueError, match="cannot rebuild the converted layers"):
+    with pytest.raises(ValueError, match="layer 'conv' recorded in the file is not in the model"):
         kronify.load(other, path)
     assert_same(other, snap)
     wider = Model()
     wider.out = nn.Linear(8, 10)
     snap = snapshot(wider)
-    with pytest.raises(ValueError, match=r"shape mismatch for out.F \(2, 3, 4\) vs \(2, 5, 4\), out.bias"):
+    with pytest.raises(ValueError, match=r"out.weight is of shape \(10, 8\) in the model; the file has shape \(6, 8\)"):
         kronify.load(wider, path)
     assert_same(wider, snap)
 
+    save_file({"a": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="not a kronify.save file"):
-        torch.save({"a": torch.zeros(1)}, tmp_path / "plain.pt")
-        kronify.load(Model(), tmp_path / "plain.pt")
+        kronify.load(Model(), tmp_path / "plain.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        kronify.load(Model(), tmp_path / "junk.safetensors")
     with pytest.raises(ValueError, match="no Kronecker layers"):
-        kronify.save(Model(), tmp_path / "dense.pt")
+        kronify.save(Model(), tmp_path / "dense.safetensors")
 
 
 def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
     model = converted()
-    path = tmp_path / "m.pt"
+    path = tmp_path / "m.safetensors"
     kronify.save(model, path)
     good = path.read_bytes()
 
-    def broken_save(obj, f, *a, **k):
-        f.write(b"partial")
+    def broken_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", broken_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
     with pytest.raises(KeyboardInterrupt):
         kronify.save(converted(seed=1), path)
     assert path.read_bytes() == good
-    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left behind

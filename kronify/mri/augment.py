@@ -26,6 +26,7 @@ the output has the input's shape and dtype.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -94,8 +95,8 @@ def smooth_field(shape: tuple[int, int], grid: int, generator: torch.Generator |
 
 
 def draw_params(config: AugmentConfig, shape: tuple[int, int], generator: torch.Generator | None = None) -> AugmentParams:
-    """Draw one sample's augmentation for an image of ``shape`` (H, W); always the same number of draws per
-    lever that is on, so a seed gives the same parameters whatever the image."""
+    """Draw one sample's augmentation for an image of ``shape`` (H, W) from ``generator`` (the global torch
+    generator if None). The draws never depend on the image's values: a seed, a config and a shape fix them."""
     p = AugmentParams()
     if not config.enabled:
         return p
@@ -180,21 +181,29 @@ def apply_params(image: Tensor, params: AugmentParams) -> Tensor:
 class SliceAugment:
     """Callable augmentation: ``aug(image)`` draws fresh parameters from its own generator for every call.
 
-    ``SliceAugment(config, seed)`` replays the same sequence for the same seed; :meth:`reseed` restarts it
-    (e.g. per DataLoader worker or per epoch), and ``aug(image, generator=g)`` draws from ``g`` instead, for a
-    per-sample seed that does not depend on the order samples are drawn in.
+    ``SliceAugment(config, seed)`` replays the same sequence for the same seed; :meth:`reseed` restarts it,
+    and ``aug(image, generator=g)`` draws from ``g`` instead (a per-sample seed, independent of the order in
+    which samples are drawn). In a process other than the one that seeded it (a DataLoader worker, which
+    would otherwise repeat its siblings' sequence) it first reseeds from ``seed`` and that process's
+    ``torch.initial_seed()``, which differs per worker and epoch and follows ``torch.manual_seed``.
     """
 
     def __init__(self, config: AugmentConfig | None = None, seed: int = 0) -> None:
         self.config = config if config is not None else AugmentConfig()
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generator = torch.Generator()
+        self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
-        """Restart the random sequence from ``seed``."""
+        """Restart the random sequence from ``seed`` (in this process)."""
         self.generator.manual_seed(seed)
+        self._pid = os.getpid()
 
     def __call__(self, image: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if not self.config.enabled:
             return image
-        params = draw_params(self.config, tuple(image.shape[-2:]), generator or self.generator)
-        return apply_params(image, params)
+        if generator is None:
+            if self._pid != os.getpid():
+                self.reseed((self.seed * 1_000_003 + torch.initial_seed()) % 2**63)
+            generator = self.generator
+        return apply_params(image, draw_params(self.config, tuple(image.shape[-2:]), generator))

@@ -1,0 +1,191 @@
+"""The Kronecker parametrization: a weight tensor stored as factors, W = Σ_t A_t ⊗ F_t.
+
+`KronParametrization` is a `torch.nn.utils.parametrize` parametrization, so a converted layer keeps its
+class, its forward and its hooks; only the tensor it reads as `weight` (or `in_proj_weight`, ...) is
+computed from the factors. Factors are stored under torch's names:
+
+- learned algebra: `parametrizations.<name>.original0` = A (terms, n, n) and `original1` = F;
+- fixed algebra ("complex", "quaternion"): `parametrizations.<name>.original` = F and the buffer
+  `parametrizations.<name>.0.A`.
+
+F keeps the weight's rank, (chunks·terms·d0/n, d1/n, *kernel), so `Module.to(memory_format=...)` treats it
+like the dense weight (a Conv2d's F is 4-D and can be channels_last). The factorization runs over the
+weight's first two dims *as stored*: (out, in) for Linear/Conv, (in, out/groups) for ConvTranspose and
+(in, out) for transformers' Conv1D; a transposed Kronecker sum is a Kronecker sum, so the structure is
+the same. `chunks` splits dim 0 into equal blocks with factors of their own (the packed q/k/v projection
+of nn.MultiheadAttention: one Kronecker sum per projection).
+
+`layer.<name> = W` projects W onto the nearest Kronecker sum (`right_inverse`, float64 SVD).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from kronify.algebra import LEARNED, algebra_matrices, resolve_algebra
+from kronify.kron import _kron_weight, check_kron_dims, nearest_kronecker, project_kronecker
+
+__all__ = ["KronParametrization", "is_kron", "kron_param_count", "kron_parametrizations", "own_kron_parametrizations"]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def kron_param_count(shape: tuple[int, ...], n: int, terms: int, *, chunks: int = 1, learned: bool = True) -> int:
+    """Parameters of the factors of a weight of `shape`: A (if learned) and F, for `chunks` blocks of dim 0."""
+    numel = math.prod(shape)
+    return (chunks * terms * n * n if learned else 0) + terms * numel // (n * n)
+
+
+class KronParametrization(nn.Module):
+    """W = Σ_t A_t ⊗ F_t (per chunk of dim 0) for a weight of `shape`; see the module docstring.
+
+    In eval mode, outside autograd, tracing and compiling, the built weight is cached and reused until a
+    factor changes (keyed on storage and version counters; dropped by train()/eval()/to()). Low-precision
+    factors and autocast build the weight with float32 accumulation.
+    """
+
+    def __init__(self, shape: tuple[int, ...], n: int, terms: int | None = None, algebra: str = LEARNED,
+                 chunks: int = 1) -> None:
+        super().__init__()
+        self.terms = resolve_algebra(algebra, n, terms)
+        if shape[0] % chunks:
+            raise ValueError(f"weight dim 0 = {shape[0]} does not split into {chunks} chunks")
+        check_kron_dims(shape[0] // chunks, shape[1], n, f"weight of shape {tuple(shape)}")
+        self.shape, self.n, self.algebra, self.chunks = tuple(shape), n, algebra, chunks
+        if algebra != LEARNED:
+            self.register_buffer("A", algebra_matrices(algebra).repeat(chunks, 1, 1))
+        self.fit_error: float | None = None  # relative Frobenius error of the last right_inverse
+        self.param_order: list[str] = []  # the owner's parameter names before conversion (merge restores it)
+        self._cache: tuple | None = None
+
+    @property
+    def learned(self) -> bool:
+        return self.algebra == LEARNED
+
+    # ---- W from the factors ---------------------------------------------------------------------
+    def forward(self, *factors: Tensor) -> Tensor:
+        A, F = factors if self.learned else (self.A, factors[0])
+        if (self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or torch.is_inference(F)):
+            return self.build(A, F)
+        key = (A.data_ptr(), F.data_ptr(), A._version, F._version, F.dtype, F.shape)
+        if self._cache is not None and self._cache[0] == key and self._cache[2] == self._cache[1]._version:
+            return self._cache[1]
+        with torch.inference_mode(False), torch.no_grad():  # a normal tensor, so it has a version counter
+            W = self.build(A, F)
+        self._cache = (key, W, W._version, A, F)  # A and F kept: their storage cannot be reused by others
+        return W
+
+    def build(self, A: Tensor, F: Tensor) -> Tensor:
+        """Σ_t A_t ⊗ F_t per chunk, in F's dtype, accumulated in float32 for half/bfloat16 and under autocast."""
+        dtype = F.dtype
+        autocast = F.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(F.device.type)
+        with torch.autocast(F.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            if dtype in _LOW_PRECISION:
+                A, F = A.float(), F.float()
+            A = A.to(F.dtype)
+            t, p = self.terms, F.shape[0] // (self.chunks * self.terms)
+            Fc = F.reshape(self.chunks, t, p, *F.shape[1:])
+            Ac = A.reshape(self.chunks, t, self.n, self.n)
+            if self.chunks == 1:
+                W = _kron_weight(Ac[0], Fc[0])
+            else:
+                W = torch.cat([_kron_weight(a, f) for a, f in zip(Ac, Fc)])
+        return W.to(dtype)
+
+    # ---- factors from W ----------------------------------------------------------------------------
+    def right_inverse(self, W: Tensor) -> tuple[Tensor, Tensor] | Tensor:
+        """The factors of the nearest Kronecker sum to W (exact at terms = n²); sets `fit_error`."""
+        if tuple(W.shape) != self.shape:
+            raise ValueError(f"expected a weight of shape {self.shape}, got {tuple(W.shape)}")
+        As, Fs, sq, err2 = [], [], [], []
+        for w in W.detach().chunk(self.chunks):
+            if self.learned:
+                a, f, err = nearest_kronecker(w, self.n, self.terms)
+                As.append(a)
+            else:
+                f, err = project_kronecker(w, algebra_matrices(self.algebra, dtype=torch.float64))
+            Fs.append(f.reshape(-1, *f.shape[2:]))
+            s = float(w.double().pow(2).sum())
+            sq.append(s)
+            err2.append(err * err * s)
+        self.fit_error = math.sqrt(sum(err2) / sum(sq)) if sum(sq) > 0 else 0.0
+        self._cache = None
+        F = torch.cat(Fs)
+        return (torch.cat(As), F) if self.learned else F
+
+    def cold_start(self, factors: list[Tensor], std: float) -> None:
+        """Fresh factors (in place) whose W has standard deviation `std`: each (a, b) fibre of A has unit
+        norm (random for "learned", the algebra's pattern otherwise) and F is uniform, rescaled to `std`."""
+        with torch.no_grad():
+            F = factors[-1]
+            if self.learned:
+                A = factors[0]
+                fibres = A.normal_().view(self.chunks, self.terms, self.n, self.n)
+                fibres.div_(fibres.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            else:
+                A = self.A
+            F.uniform_(-1, 1)
+            W = self.build(A, F).double()
+            got = float(W.std()) if W.numel() > 1 else float(W.abs().sum())
+            F.mul_(std / got if got > 0 else 0.0)
+        self._cache = None
+        self.fit_error = None
+
+    def param_count(self) -> int:
+        return kron_param_count(self.shape, self.n, self.terms, chunks=self.chunks, learned=self.learned)
+
+    def build_flops(self) -> int:
+        """FLOPs of one build of W: 2·terms per entry (a multiply-add per term)."""
+        return 2 * self.terms * math.prod(self.shape)
+
+    def config(self) -> dict:
+        return {"n": self.n, "terms": self.terms, "algebra": self.algebra}
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    def _apply(self, *args, **kwargs):
+        self._cache = None
+        return super()._apply(*args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_cache": None}
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, n={self.n}, terms={self.terms}, algebra={self.algebra!r}, chunks={self.chunks}"
+
+
+def kron_parametrizations(model: nn.Module):
+    """Yield (owner module name, owner, tensor name, KronParametrization) for every Kronecker tensor
+    below `model` (an owner may be a ParametrizationList: a Kronecker original under another parametrization)."""
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name, plist in module.parametrizations.items():
+                if isinstance(plist[0], KronParametrization):
+                    yield name, module, tensor_name, plist[0]
+
+
+def own_kron_parametrizations(module: nn.Module) -> list[KronParametrization]:
+    """The Kronecker parametrizations of `module`'s own tensors (nested under another parametrization too)."""
+    if not parametrize.is_parametrized(module):
+        return []
+    found = []
+    for plist in module.parametrizations.values():
+        found += [plist[0]] if isinstance(plist[0], KronParametrization) else []
+        found += [p for _, _, _, p in kron_parametrizations(plist)]
+    return found
+
+
+def is_kron(module: nn.Module) -> bool:
+    """True when one of `module`'s own tensors is Kronecker-parametrized (not counting its children)."""
+    return bool(own_kron_parametrizations(module))
