@@ -210,3 +210,27 @@ def test_cheap_on_cpu() -> None:
     for _ in range(20):
         aug(image)
     assert (time.perf_counter() - start) / 20 < 0.05  # well under a training step of the demo models
+
+
+class _Augmented(torch.utils.data.Dataset):
+    def __init__(self, augment: SliceAugment) -> None:
+        self.augment, self.image = augment, phantom(16, 16)
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.augment(self.image)
+
+
+def test_dataloader_workers_draw_different_but_reproducible_augmentations() -> None:
+    def run() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        loader = torch.utils.data.DataLoader(_Augmented(SliceAugment(seed=1)), batch_size=None, num_workers=2,
+                                             multiprocessing_context="fork")
+        return list(loader)
+
+    first, second = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))  # same torch seed: same augmentations
+    # the two workers interleave (samples 0, 2, 4.. and 1, 3, 5..): their sequences must differ
+    assert not torch.equal(first[0], first[1]) and not torch.equal(first[2], first[3])
