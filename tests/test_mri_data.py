@@ -50,7 +50,14 @@ def acquisition(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def datasets(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The fastmri protocol (the default)."""
     return build_datasets(demo_root, tmp_path_factory.mktemp("run") / "split.json", crop=CROP, num_slices=4)
+
+
+@pytest.fixture(scope="module")
+def paper_datasets(demo_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    return build_datasets(demo_root, tmp_path_factory.mktemp("paper") / "split.json", crop=CROP, num_slices=4,
+                          protocol="paper")
 
 
 @pytest.fixture
@@ -167,7 +174,8 @@ def test_loader_sample_contract(demo_root: Path, datasets) -> None:
     path = next(p for p in h5_files(demo_root) if p.name == sample.fname)
     with h5py.File(path, "r") as hf:
         recon = hf["reconstruction_esc"][sample.slice_num]
-        assert sample.max_value.item() == pytest.approx(hf.attrs["max"])
+        scored = hf["reconstruction_esc"][1:5]  # the 4 central slices the dataset scores
+    assert sample.max_value.item() == pytest.approx(float(scored.max()), rel=1e-4)  # fastmri: the scored volume's max
     torch.testing.assert_close(
         magnitude(sample.target * sample.scale), torch.from_numpy(recon), rtol=1e-4, atol=1e-4 * float(recon.max())
     )
@@ -178,7 +186,8 @@ def test_loader_sample_contract(demo_root: Path, datasets) -> None:
     assert batch.input.shape == (3, 2, CROP, CROP) and batch.mask.shape == (3, 1, 1, CROP) and len(batch.fname) == 3
 
 
-def test_zero_filled_kspace_matches_target_on_sampled_columns(datasets) -> None:
+def test_paper_zero_filled_kspace_matches_target_on_sampled_columns(paper_datasets) -> None:
+    datasets = paper_datasets  # the paper protocol masks the crop's own k-space
     for ds in (datasets["train"], datasets["test"]):
         for i in (0, len(ds) - 1):
             s = ds[i]
@@ -225,35 +234,55 @@ def test_effective_acceleration_within_5_percent(mask_type: str, acceleration: i
     assert masks[:, lo : lo + centre].all()  # fastMRI's fully sampled centre
 
 
-def test_transform_mask_uses_fastmri_function_and_centre(datasets) -> None:
+def test_fastmri_transform_masks_the_raw_kspace_width(demo_root: Path, datasets) -> None:
     s = datasets["val"][0]
-    expected, _ = make_mask_func(4)((1, CROP, 1), seed=tuple(map(ord, s.fname)))
-    assert torch.equal(s.mask.reshape(-1), expected.reshape(-1))
+    path = next(p for p in h5_files(demo_root) if p.name == s.fname)
+    with h5py.File(path, "r") as hf:
+        kspace = hf["kspace"][s.slice_num]
+    assert kspace.shape[-1] == 40 > CROP
+    masked, mask, _ = T.apply_mask(T.to_tensor(kspace), make_mask_func(4), seed=tuple(map(ord, s.fname)))
+    assert mask.numel() == 40  # the mask covers the raw width, as fastMRI's transforms do
+    zero_filled = from_fastmri(T.complex_center_crop(fastmri.ifft2c(masked), (CROP, CROP)))
+    torch.testing.assert_close(s.input * s.scale, zero_filled, rtol=0, atol=2e-6 * float(zero_filled.abs().max()))
 
 
-def fastmri_reference(kspace: np.ndarray, crop: tuple[int, int], mask_func, seed) -> dict[str, torch.Tensor]:
-    """The issue's chain written with fastmri's own functions, in fastmri's (H, W, 2) layout."""
-    target = T.complex_center_crop(fastmri.ifft2c(T.to_tensor(kspace)), crop)
-    masked, mask, _ = T.apply_mask(fastmri.fft2c(target), mask_func, seed=seed)
-    zero_filled = fastmri.ifft2c(masked)
-    scale = fastmri.complex_abs(zero_filled).max()
-    return {"input": zero_filled / scale, "target": target / scale, "kspace": masked / scale, "mask": mask,
-            "scale": scale}
+def fastmri_reference(kspace: np.ndarray, crop: tuple[int, int], mask_func, seed, protocol: str
+                      ) -> dict[str, torch.Tensor]:
+    """Each protocol's chain written with fastmri's own functions, in fastmri's (H, W, 2) layout."""
+    full = T.to_tensor(kspace)
+    target = T.complex_center_crop(fastmri.ifft2c(full), crop)
+    if protocol == "paper":  # mask the crop's k-space; normalise by the target's max magnitude
+        masked, mask, _ = T.apply_mask(fastmri.fft2c(target), mask_func, seed=seed)
+        zero_filled = fastmri.ifft2c(masked)
+        scale = fastmri.complex_abs(target).max()
+    else:  # mask the raw k-space, then crop; normalise by the zero-filled image's max magnitude
+        raw_masked, mask, _ = T.apply_mask(full, mask_func, seed=seed)
+        zero_filled = T.complex_center_crop(fastmri.ifft2c(raw_masked), crop)
+        masked = None
+        scale = fastmri.complex_abs(zero_filled).max()
+    ref = {"input": zero_filled / scale, "target": target / scale, "mask": mask, "scale": scale}
+    if masked is not None:
+        ref["kspace"] = masked / scale
+    return ref
 
 
+@pytest.mark.parametrize("protocol", ["paper", "fastmri"])
 @pytest.mark.parametrize("crop", [(32, 32), (31, 30), (24, 33)])  # even (chequerboard path), odd (shift path)
-def test_transform_equals_fastmri_reference_chain(demo_root: Path, crop) -> None:
+def test_transform_equals_fastmri_reference_chain(demo_root: Path, crop, protocol: str) -> None:
     path = sorted((demo_root / "singlecoil_train").glob("*.h5"))[0]
     with h5py.File(path, "r") as hf:
         kspace, attrs = hf["kspace"][3], dict(hf.attrs)
-    transform = MRITransform(crop, accelerations=8, fixed_mask=True)
+    transform = MRITransform(crop, accelerations=8, fixed_mask=True, protocol=protocol)
     sample = transform(kspace, None, None, attrs, path.name, 3)
-    ref = fastmri_reference(kspace, crop, make_mask_func(8), tuple(map(ord, path.name)))
-    assert torch.equal(sample.mask.reshape(-1), ref["mask"].reshape(-1))
+    ref = fastmri_reference(kspace, crop, make_mask_func(8), tuple(map(ord, path.name)), protocol)
+    if protocol == "paper":
+        assert torch.equal(sample.mask.reshape(-1), ref["mask"].reshape(-1))
     torch.testing.assert_close(sample.scale, ref["scale"], rtol=1e-5, atol=0)
     for name in ("input", "target", "kspace"):
-        expected = from_fastmri(ref[name])
-        torch.testing.assert_close(getattr(sample, name), expected, rtol=0, atol=2e-6 * float(expected.abs().max()))
+        if name in ref:
+            expected = from_fastmri(ref[name])
+            torch.testing.assert_close(getattr(sample, name), expected, rtol=0,
+                                       atol=2e-6 * float(expected.abs().max()))
 
 
 def test_fast_crop_equals_fastmri_ifft_and_crop() -> None:

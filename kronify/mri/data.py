@@ -13,16 +13,22 @@ Pipeline (issue 3, item 1):
    results and reused afterwards, so a run can be repeated exactly.
 3. :class:`SingleCoilSliceDataset` is fastMRI's ``SliceDataset`` restricted to the split's files and the
    central ``num_slices`` slices of each volume (default 20); :class:`SplitDataset` pools the folders.
-4. :class:`MRITransform` turns one slice into an :class:`MRISample`:
+4. :class:`MRITransform` turns one slice into an :class:`MRISample` under one of the two protocols of
+   :mod:`kronify.mri.protocol` (``paper`` or ``fastmri``; the table there lists every difference):
 
-   - target = centre crop (default 320x320) of ``fastmri.ifft2c(kspace)``; its k-space = ``fastmri.fft2c(crop)``;
-   - fastMRI's mask function (RandomMaskFunc 0.08/4x, 0.04/8x; equispaced as an option) over the crop's
-     phase-encoding columns (W); zero-filled input = ``fastmri.ifft2c(masked k-space)``;
-   - training draws a new mask per sample; validation/test masks are fixed per file, seeded with
+   - target = centre crop (default 320x320) of ``fastmri.ifft2c(kspace)`` under both;
+   - ``paper``: k-space = ``fastmri.fft2c(crop)``, the mask covers the crop's columns, zero-filled input =
+     ``ifft2c(mask * fft2c(crop))``, ``scale`` = max |target| of the slice (the official code's normalisation);
+   - ``fastmri``: the mask covers the raw k-space's full width (368 on fastMRI knee), zero-filled input = centre
+     crop of ``ifft2c(mask * kspace)``, ``scale`` = max |zero-filled| of the slice (known at inference time);
+   - masks: fastMRI's mask functions; one fixed mask for every sample (``mask=...``, the paper's default), or a
+     new mask per training sample and masks fixed per file for validation/test, seeded with
      ``tuple(map(ord, fname))`` exactly as fastMRI's transforms do;
-   - normalisation: ``scale`` = max |zero-filled input| of the slice, computable at inference time;
-     input, target and k-space are divided by it (multiply a network output by ``scale`` to get back to
-     the file's units).
+   - input, target and k-space are divided by ``scale`` (multiply a network output by ``scale`` to get back to
+     the file's units); ``max_value``, the metrics' data range, comes from the target that is scored: the
+     slice's target max (``paper``) or the max over the scored slices of the volume (``fastmri``, computed by
+     :class:`SingleCoilSliceDataset` from k-space), never from the file's ``max`` attribute, which belongs to
+     the crop the file was built with.
 
    The chain is computed without shifted copies of the data or transforms of rows that the crop discards
    (:func:`kronify.mri.complex.ifft2c_crop`, :func:`kronify.mri.complex.fft2c_masked`); the tests check it
@@ -34,6 +40,7 @@ which would mix up differently filtered datasets) is never used: scanning header
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -44,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import fastmri
 import h5py
 import numpy as np
 import torch
@@ -52,7 +60,8 @@ from fastmri.data.mri_data import et_query
 from torch import Tensor
 
 from kronify.mri.complex import fft2c_masked, ifft2c_crop
-from kronify.mri.masks import make_mask_func
+from kronify.mri.masks import draw_fixed_mask, load_or_save_mask, make_mask_func
+from kronify.mri.protocol import Protocol, get_protocol
 
 __all__ = [
     "DATA_FOLDERS",
@@ -65,6 +74,7 @@ __all__ = [
     "MRITransform",
     "SingleCoilSliceDataset",
     "SplitDataset",
+    "VOLUME_MAX_KEY",
     "Volume",
     "VolumeIndex",
     "build_datasets",
@@ -83,6 +93,8 @@ DEFAULT_ACQUISITIONS = ("CORPD_FBK",)
 TARGET_KEY = "reconstruction_esc"
 DEMO_MANIFEST = "kronify_demo.json"  # written by kronify.mri.demo; its presence selects DEMO_SPLIT by default
 _SPLIT_VERSION = 1
+#: attrs key through which :class:`SingleCoilSliceDataset` hands the scored target volume's max to the transform
+VOLUME_MAX_KEY = "kronify_volume_max"
 
 
 class DataError(ValueError):
@@ -95,11 +107,19 @@ class MRISample(NamedTuple):
     input:     float32 (2, H, W) zero-filled complex image (real, imag) / scale
     target:    float32 (2, H, W) target complex image (centre crop) / scale
     kspace:    float32 (2, H, W) masked k-space of the crop (fastmri.fft2c convention) / scale
-    mask:      float32 (1, 1, W) sampled phase-encoding columns (1 = sampled)
-    scale:     float32 () per-slice normalisation = max |zero-filled image| in the file's units
+    mask:      float32 (1, 1, W) sampled phase-encoding columns of the crop's k-space (1 = sampled)
+    scale:     float32 () per-slice normalisation in the file's units: max |target| (paper protocol) or
+               max |zero-filled image| (fastmri protocol)
     fname:     file name (no folder)
     slice_num: slice index in the file
-    max_value: float32 () the volume's max target magnitude (attrs['max']), the metrics' data_range
+    max_value: float32 () the metrics' data range in the file's units, from the scored target: this slice's
+               target max (paper), or the max over the volume's scored slices (fastmri validation/test;
+               training samples carry their slice's max)
+
+    Under the fastmri protocol the mask is drawn over the raw k-space width; ``kspace``/``mask`` then describe
+    the crop's k-space with each crop column marked sampled when its nearest raw column is (the crop's k-space
+    is not a subset of the raw one, so a data-consistency model such as MoDL is approximate there). With
+    training patches (``patch``) input and target are the patch while ``kspace``/``mask`` stay the slice's.
     """
 
     input: Tensor
@@ -345,13 +365,25 @@ def _scaled_channels_first(z: Tensor, factor: Tensor) -> Tensor:
     return torch.mul(torch.view_as_real(z).movedim(-1, 0), factor, out=out)
 
 
-class MRITransform:
-    """fastMRI-style transform ``(kspace, mask, target, attrs, fname, slice_num) -> MRISample``.
+def crop_space_mask(mask: Tensor, crop_width: int) -> Tensor:
+    """A raw-width column mask (centred, W entries) carried onto the ``crop_width`` columns of the crop's
+    k-space: each crop column takes the value of the raw column nearest to its frequency."""
+    width = mask.numel()
+    freq = (torch.arange(crop_width) - crop_width // 2) / crop_width
+    nearest = (torch.round(freq * width).long() + width // 2).clamp(0, width - 1)
+    return mask.reshape(-1)[nearest]
 
-    ``fixed_mask=False`` (training) draws a new mask per call; the mask function's random state is
-    seeded once per process from ``torch.initial_seed()``, so DataLoader workers draw different,
-    reproducible masks without a ``worker_init_fn``. ``fixed_mask=True`` (validation/test) seeds every
-    call with the file name, so a volume gets the same mask in every epoch.
+
+class MRITransform:
+    """fastMRI-style transform ``(kspace, mask, target, attrs, fname, slice_num) -> MRISample`` under a protocol.
+
+    Masks: ``mask`` (a column mask as long as the masked k-space is wide: the crop's width under ``paper``,
+    the raw k-space's under ``fastmri``) is used for every sample. Without it, ``fixed_mask=False`` (training)
+    draws a new mask per call, from a random state seeded once per process from ``torch.initial_seed()`` (so
+    DataLoader workers draw different, reproducible masks) or per sample through :meth:`reseed`;
+    ``fixed_mask=True`` (validation/test) seeds every call with the file name, so a volume gets the same mask
+    in every epoch. ``patch`` (training only) cuts a random ``patch`` x ``patch`` window out of input and target
+    after undersampling the whole slice, as the official code trains SwinMR (192x192).
     """
 
     def __init__(
@@ -361,15 +393,46 @@ class MRITransform:
         center_fractions: float | Sequence[float] | None = None,
         mask_type: str = "random",
         fixed_mask: bool = False,
+        *,
+        protocol: str | Protocol = "fastmri",
+        mask: np.ndarray | Tensor | None = None,
+        patch: int | None = None,
     ):
         self.crop = _pair(crop)
+        self.protocol = get_protocol(protocol)
         self.mask_func = make_mask_func(accelerations, center_fractions, mask_type)
         self.fixed_mask = fixed_mask
+        self.mask = None if mask is None else torch.as_tensor(np.asarray(mask, dtype=np.float32)).reshape(-1)
+        if self.mask is not None and self.protocol.mask_over == "crop" and self.mask.numel() != self.crop[1]:
+            raise ValueError(f"the {self.protocol.name} protocol masks the crop's {self.crop[1]} columns, "
+                             f"but the fixed mask has {self.mask.numel()}")
+        if patch is not None and not (isinstance(patch, int) and 0 < patch):
+            raise ValueError(f"patch must be a positive int or None, got {patch!r}")
+        self.patch = patch
+        self._patch_rng = np.random.default_rng(0)
         self._seeded_pid: int | None = None
 
+    @property
+    def needs_volume_max(self) -> bool:
+        """Whether samples need the scored target volume's max (fastmri protocol, validation/test)."""
+        return self.protocol.metric_scope == "volume" and self.fixed_mask
+
+    def with_patch(self, patch: int | None) -> MRITransform:
+        """A copy of this transform that trains on random ``patch`` x ``patch`` windows (None: whole slices)."""
+        other = copy.copy(self)
+        other.mask_func = copy.deepcopy(self.mask_func)
+        if patch is not None and not (isinstance(patch, int) and 0 < patch):
+            raise ValueError(f"patch must be a positive int or None, got {patch!r}")
+        other.patch = patch
+        other._patch_rng = np.random.default_rng(0)
+        other._seeded_pid = None
+        return other
+
     def reseed(self, seed: int) -> None:
-        """Seed the training mask draws in this process (e.g. per sample for exactly resumable training)."""
+        """Seed the training mask draws and patch positions in this process (e.g. per sample for exactly
+        resumable training)."""
         self.mask_func.rng.seed(seed % (2**32 - 1))
+        self._patch_rng = np.random.default_rng(seed)
         self._seeded_pid = os.getpid()
 
     def _mask_seed(self, fname: str) -> tuple[int, ...] | None:
@@ -378,6 +441,21 @@ class MRITransform:
         if self._seeded_pid != os.getpid():
             self.reseed(torch.initial_seed())
         return None
+
+    def target_image(self, kspace: Tensor) -> Tensor:
+        """The complex target: centre crop of ``fastmri.ifft2c(kspace)`` (complex dtype, any leading dims)."""
+        return ifft2c_crop(kspace, self.crop)
+
+    def _column_mask(self, width: int, fname: str) -> Tensor:
+        if self.mask is not None:
+            if self.mask.numel() != width:
+                raise DataError(f"{fname}: the fixed mask has {self.mask.numel()} columns but the "
+                                f"{self.protocol.name} protocol masks {width} columns here")
+            if not self.fixed_mask and self._seeded_pid != os.getpid():
+                self.reseed(torch.initial_seed())  # patch positions
+            return self.mask
+        col_mask, _ = self.mask_func((1, width, 2), None, self._mask_seed(fname))  # as fastmri's apply_mask
+        return col_mask.reshape(-1)
 
     def __call__(
         self,
@@ -391,25 +469,47 @@ class MRITransform:
         height, width = kspace.shape[-2:]
         if self.crop[0] > height or self.crop[1] > width:
             raise DataError(f"crop {self.crop} is larger than the image {height}x{width} of {fname}")
+        raw = torch.from_numpy(kspace)
         # the fastMRI chain complex_center_crop(ifft2c(kspace)) -> fft2c -> apply_mask -> ifft2c, computed without
         # shifted copies or transforms of discarded rows (equal to it up to float rounding; see the tests)
-        target = ifft2c_crop(torch.from_numpy(kspace), self.crop)
-        col_mask, _ = self.mask_func((*self.crop, 2), None, self._mask_seed(fname))  # as fastmri's apply_mask
-        masked_k, zero_filled = fft2c_masked(target, col_mask.reshape(-1))
-        scale = (zero_filled.real.square() + zero_filled.imag.square()).max().sqrt()  # = max |zero_filled|
+        target = self.target_image(raw)
+        if self.protocol.mask_over == "crop":
+            col_mask = self._column_mask(self.crop[1], fname)
+            masked_k, zero_filled = fft2c_masked(target, col_mask)
+        else:
+            raw_mask = self._column_mask(width, fname)
+            zero_filled = ifft2c_crop(raw * raw_mask, self.crop)
+            col_mask = crop_space_mask(raw_mask, self.crop[1])
+            masked_k = torch.view_as_complex(fastmri.fft2c(torch.view_as_real(zero_filled))) * col_mask
+        target_max = target.abs().max()
+        ref = target_max if self.protocol.normalise_by == "target" else zero_filled.abs().max()
+        scale = ref
         if not (math.isfinite(s := float(scale)) and s > 0):  # an all-zero slice: leave it unscaled
             scale = torch.ones((), dtype=scale.dtype)
+        max_value = float(attrs.get(VOLUME_MAX_KEY, target_max)) if self.needs_volume_max else float(target_max)
         inv = 1.0 / scale
+        sample_input, sample_target = _scaled_channels_first(zero_filled, inv), _scaled_channels_first(target, inv)
+        if self.patch is not None and not self.fixed_mask:
+            sample_input, sample_target = self._cut_patch(sample_input, sample_target, fname)
         return MRISample(
-            input=_scaled_channels_first(zero_filled, inv),
-            target=_scaled_channels_first(target, inv),
+            input=sample_input,
+            target=sample_target,
             kspace=_scaled_channels_first(masked_k, inv),
-            mask=col_mask.reshape(1, 1, -1),
+            mask=col_mask.to(torch.float32).reshape(1, 1, -1),
             scale=scale.to(torch.float32),
             fname=fname,
             slice_num=int(slice_num),
-            max_value=torch.tensor(float(attrs["max"]), dtype=torch.float32),
+            max_value=torch.tensor(max_value, dtype=torch.float32),
         )
+
+    def _cut_patch(self, image: Tensor, target: Tensor, fname: str) -> tuple[Tensor, Tensor]:
+        height, width = image.shape[-2:]
+        if self.patch > min(height, width):
+            raise DataError(f"training patch {self.patch} is larger than the {height}x{width} crop of {fname}")
+        top = int(self._patch_rng.integers(0, height - self.patch + 1))
+        left = int(self._patch_rng.integers(0, width - self.patch + 1))
+        window = (..., slice(top, top + self.patch), slice(left, left + self.patch))
+        return image[window].contiguous(), target[window].contiguous()
 
 
 class SingleCoilSliceDataset(SliceDataset):
@@ -431,6 +531,7 @@ class SingleCoilSliceDataset(SliceDataset):
     ):
         self.files = frozenset(files)
         self.num_slices = num_slices
+        self.folder = Path(folder)
         super().__init__(
             folder,
             challenge="singlecoil",
@@ -455,11 +556,25 @@ class SingleCoilSliceDataset(SliceDataset):
         return raw_sample.slice_ind in central_slices(raw_sample.metadata["num_slices"], self.num_slices)
 
     def __getitem__(self, i: int):
+        fname, slice_ind, metadata = self.raw_samples[i]
         try:
+            if getattr(self.transform, "needs_volume_max", False) and VOLUME_MAX_KEY not in metadata:
+                # one dict per file, shared by its slices: computed once per file and process
+                metadata[VOLUME_MAX_KEY] = self.volume_max(fname)
             return super().__getitem__(i)
         except (OSError, KeyError) as err:
-            fname, slice_ind, _ = self.raw_samples[i]
             raise DataError(f"cannot read slice {slice_ind} of {fname}: {type(err).__name__}: {err}") from err
+
+    def volume_max(self, fname: str | os.PathLike) -> float:
+        """Max target magnitude over this dataset's slices of ``fname``: the data range of fastMRI's volume
+        metrics for the target that is actually scored (the transform's crop of those slices)."""
+        fname = Path(fname)
+        slices = sorted(s.slice_ind for s in self.raw_samples if Path(s.fname) == fname)
+        if not slices:
+            raise DataError(f"{fname} has no slices in this dataset")
+        with h5py.File(fname, "r") as hf:
+            kspace = hf["kspace"][slices[0] : slices[-1] + 1][[s - slices[0] for s in slices]]
+        return float(self.transform.target_image(torch.from_numpy(kspace)).abs().max())
 
 
 class SplitDataset(torch.utils.data.ConcatDataset):
@@ -481,12 +596,24 @@ class SplitDataset(torch.utils.data.ConcatDataset):
         self.split = split
         self.files = sorted(files)
         self.transform = transform
+        self.num_slices = num_slices
         self.skipped = list(skipped)
 
     @property
     def raw_samples(self) -> list:
         """fastMRI's (fname, slice_ind, metadata) records of every slice, in dataset order."""
         return [s for d in self.datasets for s in d.raw_samples]
+
+    @property
+    def protocol(self) -> Protocol:
+        """The protocol of this split's transform (how its slices are sampled and scored)."""
+        return self.transform.protocol
+
+    def with_transform(self, transform: MRITransform, files: Collection[str] | None = None) -> SplitDataset:
+        """The same split (or only ``files`` of it) read through another transform (e.g. with training patches)."""
+        folders = sorted({d.folder for d in self.datasets})
+        return SplitDataset(self.split, folders, self.files if files is None else files, transform,
+                            self.num_slices, self.skipped)
 
 
 def build_datasets(
@@ -503,23 +630,28 @@ def build_datasets(
     center_fractions: float | Sequence[float] | None = None,
     mask_type: str = "random",
     on_corrupt: str = "raise",
+    protocol: str | Protocol = "fastmri",
+    fixed_mask: bool | None = None,
+    mask_file: str | os.PathLike | None = None,
 ) -> dict[str, SplitDataset]:
-    """Datasets for the requested splits (train masks vary per sample, val/test masks are fixed per file).
+    """Datasets for the requested splits under ``protocol`` (``"paper"`` or ``"fastmri"``,
+    :mod:`kronify.mri.protocol`).
 
-    ``split`` defaults to :data:`DEMO_SPLIT` ratios when ``root`` is a kronify demo dataset (it holds
-    ``kronify_demo.json``) and to fastMRI's :data:`FASTMRI_SPLIT` volume counts otherwise. The split JSON
-    ``split_file`` is written on first use and reused afterwards.
+    ``fixed_mask`` (default: the protocol's, True for ``paper``) uses ONE mask, drawn with the protocol's
+    seed, for every split; it is saved to ``mask_file`` (default: ``mask_<type>_<acc>x.npy`` next to the split
+    file) and checked against it afterwards. Otherwise training masks vary per sample and validation/test
+    masks are fixed per file. ``split`` defaults to :data:`DEMO_SPLIT` ratios when ``root`` is a kronify demo
+    dataset (it holds ``kronify_demo.json``) and to fastMRI's :data:`FASTMRI_SPLIT` volume counts otherwise.
+    The split JSON ``split_file`` is written on first use and reused afterwards.
     """
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise ValueError(f"unknown split {unknown[0]!r}; choose from {SPLITS}")
     crop = _pair(crop)
+    protocol = get_protocol(protocol)
     if num_slices is not None and num_slices < 1:
         raise ValueError(f"num_slices must be >= 1 or None (all slices), got {num_slices}")
-    transforms = {
-        name: MRITransform(crop, accelerations, center_fractions, mask_type, fixed_mask=name != "train")
-        for name in splits
-    }
+    make_mask_func(accelerations, center_fractions, mask_type)  # validates before any file is read
     index = scan_volumes(root, acquisitions, on_corrupt)
     if split is None:
         split = DEMO_SPLIT if (Path(root) / DEMO_MANIFEST).is_file() else FASTMRI_SPLIT
@@ -530,7 +662,51 @@ def build_datasets(
             height, width = volumes[f].shape
             if crop[0] > height or crop[1] > width:
                 raise DataError(f"crop {crop} is larger than the image {height}x{width} of {volumes[f].path}")
+    mask = None
+    if protocol.fixed_mask if fixed_mask is None else fixed_mask:
+        mask = _fixed_mask(protocol, crop, [volumes[f] for name in splits for f in parts[name]], accelerations,
+                           center_fractions, mask_type, mask_file or Path(split_file).parent)
+    transforms = {
+        name: MRITransform(crop, accelerations, center_fractions, mask_type, fixed_mask=name != "train",
+                           protocol=protocol, mask=mask)
+        for name in splits
+    }
     folders = data_folders(root)
     return {
         name: SplitDataset(name, folders, parts[name], transforms[name], num_slices, index.skipped) for name in splits
     }
+
+
+def _fixed_mask(
+    protocol: Protocol,
+    crop: tuple[int, int],
+    volumes: Sequence[Volume],
+    accelerations: int | Sequence[int],
+    center_fractions: float | Sequence[float] | None,
+    mask_type: str,
+    mask_file: str | os.PathLike,
+) -> np.ndarray:
+    """The one mask of a fixed-mask run, drawn over the columns the protocol masks, saved with the run."""
+    accs = [accelerations] if isinstance(accelerations, (int, float)) else list(accelerations)
+    fracs = center_fractions if center_fractions is None or isinstance(center_fractions, (int, float)) \
+        else list(center_fractions)
+    if len(accs) != 1:
+        raise ValueError(f"a fixed mask has one acceleration, got {accs}")
+    if isinstance(fracs, list):
+        fracs = fracs[0]
+    if protocol.mask_over == "crop":
+        width = crop[1]
+    else:
+        widths = {v.shape[1] for v in volumes}
+        if len(widths) != 1:
+            raise DataError(f"one fixed mask over the raw k-space needs one k-space width, but the volumes have "
+                            f"{sorted(widths)} columns; use per-sample masks (fixed_mask=False) or the paper protocol")
+        width = widths.pop()
+    mask = draw_fixed_mask(width, int(accs[0]), fracs, mask_type, protocol.mask_seed)
+    path = Path(mask_file)
+    if path.suffix != ".npy":
+        path = path / f"mask_{mask_type}_{int(accs[0])}x_w{width}.npy"
+    try:
+        return load_or_save_mask(path, mask)
+    except ValueError as err:
+        raise DataError(str(err)) from err
