@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RunError, DataError, RecipeError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     zf = result["zero_filled"]
-    print(f"{result['model']} {result['acceleration']}x on the {result['eval_set']} of {result['eval_data']} "
+    print(f"{result['model']} {result['acceleration']}x on {result['eval_set']} of {result['eval_data']} "
           f"({result['n_volumes']} volumes, {result['n_slices']} slices): SSIM {result['ssim_mean']:.4f} "
           f"(zero-filled {zf['ssim_mean']:.4f}), PSNR {result['psnr_mean']:.2f} dB (zero-filled "
           f"{zf['psnr_mean']:.2f}) -> {out / 'metrics.json'}"

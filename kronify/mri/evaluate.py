@@ -181,11 +181,12 @@ def write_results(
         first = examples[0]
         protocol = f", {info['protocol']} protocol" if info.get("protocol") else ""
         label = f"{info.get('model')} ({info.get('acceleration')}x{protocol})"
+        scored = f" on {info['eval_set']}" if info.get("eval_set") else ""
         reconstruction_figure(
             out_dir / "reconstruction.png", _magnitude(first["zero_filled"]), _magnitude(first["output"]),
             _magnitude(first["target"]),
-            title=f"{label}: {first['fname']} slice {first['slice_num']}  |  {info.get('eval_set', 'test')} "
-                  f"SSIM {result['ssim_mean']:.3f}, PSNR {result['psnr_mean']:.2f} dB",
+            title=f"{label}: {first['fname']} slice {first['slice_num']}  |  {'' if scored else 'test '}SSIM "
+                  f"{result['ssim_mean']:.3f}, PSNR {result['psnr_mean']:.2f} dB{scored}",
             labels={"output": str(info.get("model"))},
         )
     return result
@@ -258,7 +259,7 @@ def evaluate_run(
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if data_root is None:
-        root, files, eval_set = run.data_root, run.test_files, "test split"
+        root, files, eval_set = run.data_root, run.test_files, "the run's test split"
         if root is None:
             raise RunError(f"{run.path / 'metrics.json'} does not record the run's data folder; "
                            "pass a data folder to evaluate on")
@@ -266,7 +267,7 @@ def evaluate_run(
             raise DataError(f"the run's data folder {root} does not exist any more; pass a data folder "
                             "to evaluate on")
     else:
-        root, files, eval_set = Path(data_root).expanduser(), None, "all files"
+        root, files, eval_set = Path(data_root).expanduser(), None, "all volumes"
         if not root.is_dir():
             raise DataError(f"data folder {str(root)!r} does not exist or is not a folder")
     dataset = evaluation_dataset(root, transform, files, num_slices=num_slices, acquisitions=acquisitions)
