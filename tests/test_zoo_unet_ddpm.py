@@ -224,7 +224,7 @@ def test_verdicts():
     assert params_verdict(5, None, table) == "not in Table 1"
     assert flops_verdict(20_000_000_000, table["A"]).startswith("matches as MAC")
     assert flops_verdict(10_100_000_000, table["A"]).startswith("matches as 2·MAC")
-    assert flops_verdict(100_000_000_000, table["A"]).startswith("does not match: ours is 5.0×")
+    assert flops_verdict(100_000_000_000, table["A"]).startswith("does not match: ours is 5.00×")
 
 
 def test_kronecker_swinmr_official_counts():

@@ -126,7 +126,7 @@ def flops_verdict(flops: int, paper: PaperRow | None) -> str:
         rel = _relative(value, paper.gflops)
         if abs(rel) <= FLOPS_TOLERANCE:
             return f"matches as {name} ({rel:+.1%})"
-    return f"does not match: ours is {flops / 2e9 / paper.gflops:.1f}× the table's as MAC"
+    return f"does not match: ours is {flops / 2e9 / paper.gflops:.2f}× the table's as MAC"
 
 
 def reconciliation_rows(size: int = 320, configs: Sequence[OfficialConfig] | None = None) -> list[dict[str, Any]]:
