@@ -1,10 +1,11 @@
 """zoo: every model and its Kronecker version (made by kronify.convert) keep the input's shape, train,
 are deterministic in eval mode, and hold the parameter counts of the issue and of the paper.
 
-Real forward/backward passes use the small presets (unet_demo, swinmr_demo, modl_demo, lbunet_small,
-efficient_unet), at 320×320 and 100×84; the large presets (unet, swinmr, swinmr_paper, modl, lbunet)
-run the same shape paths on the meta device (shapes only), since a 320×320 SwinMR pass on 2 CPU cores
-takes minutes. SwinMR and MoDL specifics are in test_zoo_swinmr.py and test_zoo_modl.py.
+Real forward/backward passes use the small presets (unet_demo, unet_ddpm_demo, swinmr_demo, modl_demo,
+lbunet_small, efficient_unet), at 320×320 and 100×84; the large presets (unet, unet_ddpm, swinmr,
+swinmr_paper, modl, lbunet) run the same shape paths on the meta device (shapes only), since a 320×320
+SwinMR pass on 2 CPU cores takes minutes. SwinMR, MoDL and DDPM U-Net specifics (and the paper's Table 1
+counts) are in test_zoo_swinmr.py, test_zoo_modl.py and test_zoo_unet_ddpm.py.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ from torch import nn
 
 import kronify
 import zoo
-from kronify.layers import KRON_LAYER_FOR
 from zoo.padding import crop_to, pad_to_multiple
 from zoo.summary import main as summary_main
 
-SMALL = ["unet_demo", "swinmr_demo", "modl_demo", "lbunet_small", "efficient_unet"]
-LARGE = ["unet", "swinmr", "swinmr_paper", "modl", "lbunet"]
+SMALL = ["unet_demo", "unet_ddpm_demo", "swinmr_demo", "modl_demo", "lbunet_small", "efficient_unet"]
+LARGE = ["unet", "unet_ddpm", "swinmr", "swinmr_paper", "modl", "lbunet"]
 SIZES = [(320, 320), (100, 84)]
 
 _CACHE: dict[str, nn.Module] = {}
@@ -116,7 +116,7 @@ def test_swinmr_one_channel_build():
 
 # ---- Kronecker versions -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["unet", "swinmr", "swinmr_paper", "modl"])
+@pytest.mark.parametrize("name", ["unet", "unet_ddpm", "swinmr", "swinmr_paper", "modl"])
 def test_kron_holds_at_most_055_of_dense_params(name):
     dense = sum(p.numel() for p in build(name).parameters())
     kron_model = build(f"kron_{name}")
@@ -126,12 +126,13 @@ def test_kron_holds_at_most_055_of_dense_params(name):
     assert kron <= 0.55 * dense, f"{name}: {kron} / {dense} = {kron / dense:.3f}"
 
 
-@pytest.mark.parametrize("name", ["unet_demo", "swinmr_demo", "modl_demo", "lbunet_small", "lbunet",
-                                  "efficient_unet"])
+@pytest.mark.parametrize("name", ["unet_demo", "unet_ddpm_demo", "swinmr_demo", "modl_demo", "lbunet_small",
+                                  "lbunet", "efficient_unet"])
 def test_report_lists_every_layer_left_dense_with_why(name):
     model = build(f"kron_{name}")
     report = model.kron_report
-    dense_left = {n for n, m in model.named_modules() if type(m) in KRON_LAYER_FOR}
+    dense_left = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+                  and not kronify.is_kron(m)}
     assert dense_left <= set(report.skipped), dense_left - set(report.skipped)
     assert all(reason for reason in report.skipped.values())
     assert report.converted
@@ -143,9 +144,8 @@ def test_report_lists_every_layer_left_dense_with_why(name):
 
 def test_kron_unet_reaches_conv_and_transposed_conv():
     model = build("kron_unet_demo")
-    kinds = {type(m) for m in model.modules()}
-    assert kronify.KronConv2d in kinds and kronify.KronConvTranspose2d in kinds
-    assert not {nn.Conv2d, nn.ConvTranspose2d} & kinds
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    assert any(isinstance(m, nn.ConvTranspose2d) for m in convs) and all(kronify.is_kron(m) for m in convs)
     assert any(isinstance(m, nn.InstanceNorm2d) for m in model.modules())
 
 
