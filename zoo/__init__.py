@@ -4,6 +4,10 @@
 `kronify.convert(zoo.create(name), **KRON_SETTINGS)`, never a hand-written copy; `zoo.create_kron`
 also returns the ConversionReport. Every model maps (B, 2, H, W) (real, imag) to the same shape for any
 H×W and has `needs_kspace` (True for MoDL, whose forward is (x, mask, kspace)).
+
+The paper's own U-Net is `unet_ddpm` (DDPM-style; fastMRI's U-Net is `unet`). `zoo.summary` prints parameter and
+FLOP counts of every model; `zoo.paper_reference` sets our counts of the paper's official configurations beside
+its Table 1.
 """
 
 from zoo.registry import create, create_kron, dense_names, example_inputs, kron_settings, names
