@@ -58,12 +58,12 @@ PARAMS_DENSE = 56_573_442
 PARAMS_KRON_N2 = 29_625_242
 
 
-def _zero_step_embedding(dim: int) -> torch.Tensor:
-    """The DDPM sinusoidal embedding of timestep 0 (sin/cos pairs interleaved), shape (dim,)."""
+def _step_embedding(dim: int, step: int = 0) -> torch.Tensor:
+    """The DDPM sinusoidal embedding of one timestep (sin/cos pairs interleaved), shape (dim,)."""
     if dim % 2:
         raise ValueError(f"embedding width {dim} must be even")
     freqs = torch.exp(-torch.arange(0, dim, 2, dtype=torch.float64) / dim * math.log(10000.0))
-    angles = 0.0 * freqs
+    angles = step * freqs
     return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(dim).float()
 
 
@@ -77,7 +77,7 @@ class TimeEmbedding(nn.Module):
 
     def __init__(self, dim: int, temb_dim: int):
         super().__init__()
-        self.register_buffer("zero_step", _zero_step_embedding(dim), persistent=False)
+        self.register_buffer("zero_step", _step_embedding(dim, step=0), persistent=False)
         self.mlp = nn.Sequential(nn.Linear(dim, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         for m in (self.mlp[0], self.mlp[2]):
             _xavier(m)
