@@ -27,7 +27,8 @@ def _slices(out: Path) -> list[tuple[str, str]]:
 
 
 def test_two_process_ddp_matches_one_process(make_demo, tmp_path):
-    # 3 test volumes x 5 slices = 15 test slices: the DistributedSampler pads one duplicate that must not count
+    # 3 test volumes x 5 slices = 15 test slices, 1 validation volume = 5 validation slices: on 2 processes the
+    # DistributedSampler pads each with one duplicate, which must count neither in the metrics nor in the loss
     root = make_demo(tmp_path / "data", cases=10, slices=5)
     common = ["--data-path", str(root), "--preset", "tiny", "--max-steps", "3", "--accelerator", "cpu",
               "--no-progress"]
@@ -46,3 +47,4 @@ def test_two_process_ddp_matches_one_process(make_demo, tmp_path):
     h2 = json.loads((tmp_path / "two" / "history.json").read_text())
     assert [h["step"] for h in h1] == [h["step"] for h in h2]
     assert [h["val_psnr"] for h in h2] == pytest.approx([h["val_psnr"] for h in h1], rel=1e-5)
+    assert [h["val_loss"] for h in h2] == pytest.approx([h["val_loss"] for h in h1], rel=1e-5)

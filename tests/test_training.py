@@ -18,9 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import zoo
 from kronify.mri.checkpoint import AtomicCheckpointIO, LastCheckpoint, atomic_torch_save
+from kronify.mri.data import MRISample
 from kronify.mri.ema import EMA
-from kronify.mri.training import ReconModule, StepBatchSampler, resolve_precision
+from kronify.mri.training import ReconModule, StepBatchSampler, reconstruct, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -200,3 +202,107 @@ def test_resume_after_sigkill_gives_the_same_run(demo_root, tmp_path):
     for key, value in a["state_dict"].items():  # model and EMA weights, EMA counter
         torch.testing.assert_close(b["state_dict"][key], value, atol=1e-6, rtol=0)
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"] == 7
+
+
+# -- global random draws: a function of (seed, step, rank) ----------------------------------------------------------
+def _draws() -> tuple:
+    return torch.rand(3).tolist(), np.random.rand(2).tolist(), __import__("random").random()
+
+
+def test_each_training_step_reseeds_the_global_rngs_from_seed_step_and_rank(monkeypatch):
+    """Whatever was drawn before, a step's dropout/drop-path draws are the same (what makes a resumed run draw
+    what the uninterrupted one drew, with no RNG state in the checkpoint); other steps, ranks and seeds differ."""
+    module = ReconModule(nn.Conv2d(2, 2, 1), seed=5)
+
+    def draws_at(step: int, rank: int = 0, noise: int = 0) -> tuple:
+        monkeypatch.setattr(ReconModule, "global_step", property(lambda self: step))
+        monkeypatch.setattr(ReconModule, "global_rank", property(lambda self: rank))
+        torch.rand(noise), np.random.rand(noise)  # whatever happened before this step
+        module.on_train_batch_start(None, 0)
+        return _draws()
+
+    first = draws_at(3)
+    assert draws_at(3, noise=17) == first
+    assert draws_at(4) != first and draws_at(3, rank=1) != first
+    other = ReconModule(nn.Conv2d(2, 2, 1), seed=6)
+    other.on_train_batch_start(None, 0)
+    assert _draws() != first
+    torch.manual_seed(5)
+    assert ReconModule(nn.Conv2d(2, 2, 1))._seed == 5  # default: the torch seed (pl.seed_everything's)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        ReconModule(nn.Conv2d(2, 2, 1), seed=-1)
+
+
+# -- a checkpoint saved by rank 0 alone ---------------------------------------------------------------------------
+SAVE_ON_RANK_ZERO = textwrap.dedent("""
+    import datetime, json, sys, time
+    from pathlib import Path
+    import torch.distributed as dist
+    from torch import nn
+    from kronify.mri.training import ReconModule
+
+    rank, folder = int(sys.argv[1]), Path(sys.argv[2])
+    dist.init_process_group("gloo", init_method=f"file://{folder / 'pg'}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    done = folder / "done.json"
+    if rank == 0:  # saves alone, as a checkpoint callback on rank 0 only would
+        module = ReconModule(nn.Conv2d(2, 2, 1), seed=1)
+        start = time.perf_counter()
+        try:
+            checkpoint = {}
+            module.on_save_checkpoint(checkpoint)
+            result = {"seconds": time.perf_counter() - start, "keys": sorted(checkpoint["kronify"])}
+        except Exception as exc:  # a collective waiting on rank 1 times out
+            result = {"error": repr(exc), "seconds": time.perf_counter() - start}
+        done.write_text(json.dumps(result))
+    else:  # takes part in no collective until rank 0 is done (or 60 s have passed)
+        deadline = time.time() + 60
+        while not done.exists() and time.time() < deadline:
+            time.sleep(0.05)
+""")
+
+
+def test_checkpoint_hook_on_rank_zero_alone_does_not_wait_for_other_ranks(tmp_path):
+    script = tmp_path / "save_on_rank_zero.py"
+    script.write_text(SAVE_ON_RANK_ZERO)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    result = json.loads((tmp_path / "done.json").read_text())
+    assert "error" not in result, (result, outputs)
+    assert result["seconds"] < 5 and result["keys"] == ["history", "seed", "train_seconds"]
+
+
+# -- half precision -------------------------------------------------------------------------------------------------
+def _batch(model: nn.Module, size: int = 32, b: int = 2) -> MRISample:
+    torch.manual_seed(0)
+    inputs = zoo.example_inputs(model, (size, size), batch=b) if getattr(model, "needs_kspace", False) else None
+    x = inputs[0] if inputs else torch.randn(b, 2, size, size)
+    mask = inputs[1] if inputs else torch.ones(b, 1, 1, size)
+    kspace = inputs[2] if inputs else x
+    return MRISample(input=x, target=x + 0.1 * torch.randn_like(x), kspace=kspace, mask=mask,
+                     scale=torch.ones(b), fname=["a.h5"] * b, slice_num=torch.arange(b), max_value=torch.ones(b))
+
+
+@pytest.mark.parametrize("name", ["modl_demo", "kron_modl_demo", "unet_demo", "swinmr_demo", "unet_ddpm_tiny"])
+def test_training_and_eval_step_under_cpu_bf16_autocast(name):
+    """bf16 autocast (as bf16-mixed runs training): every FFT (MoDL's data consistency, the loss) runs in float32
+    (fastmri.fft2c rejects bf16), so the loss is a finite float32 value with finite gradients, also for the EMA."""
+    model = zoo.create(name)
+    module = ReconModule(model, lpips=None)
+    batch = _batch(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms = module.training_loss(batch)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and terms["freq"] > 0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        output = reconstruct(module.ema.module, batch)
+        eval_loss, _ = module.loss_fn(output, batch.target)
+    assert torch.isfinite(output.float()).all() and torch.isfinite(eval_loss)

@@ -4,16 +4,19 @@
 (:class:`kronify.mri.losses.CompositeLoss`), Adam (lr 2e-4), MultiStepLR (×0.5 at the milestones), an EMA of
 the weights (:class:`kronify.mri.ema.EMA`, decay 0.999, explicit warm-up) that is the model used for validation
 and testing, optional gradient clipping (a Trainer option) and AMP on GPUs. Validation logs the loss, SSIM and
-PSNR (and example images to TensorBoard); validation and test metrics are computed per slice
-(:class:`kronify.mri.metrics.MetricsAccumulator`), gathered from every process with ``all_gather_object`` and
+PSNR (and example images to TensorBoard); validation and test metrics, and the validation loss, are computed per
+slice (:class:`kronify.mri.metrics.MetricsAccumulator`), gathered from every process with ``all_gather_object`` and
 deduplicated by (file, slice), so a DistributedSampler's padding never counts a slice twice.
 
 :class:`ReconDataModule` makes training exactly resumable: the training order is a pure function of the seed and
 the global batch index (a seeded permutation per pass over the data, sliced per process), every sample gets its
 own seed for its random undersampling mask, and every DataLoader draws from a private generator, so neither
-worker count nor a restart nor a validation pass changes what the next step sees. Resuming from ``last.ckpt``
-restores weights, optimizer, scheduler, EMA, the loop position, the validation history, the elapsed training time
-and the RNG states; the loader restarts at the restored global step.
+worker count nor a restart nor a validation pass changes what the next step sees. The global RNGs (torch on every
+device, numpy, random: dropout, drop-path) are reseeded before every training step from (seed, step, rank), so
+they too are a function of the step alone. Resuming from ``last.ckpt`` restores weights, optimizer, scheduler,
+EMA, the loop position, the validation history, the elapsed training time and the seed; the loader restarts at
+the restored global step. Saving a checkpoint involves no other process (no collective in
+``on_save_checkpoint``), so a checkpoint written by rank 0 alone never waits on the others.
 
 :func:`make_trainer` wires it together: step-based validation and checkpoints (:mod:`kronify.mri.checkpoint`,
 atomic writes), CSV and TensorBoard logs, the progress bar, deterministic mode, DDP via devices/num_nodes/strategy.
@@ -58,6 +61,7 @@ __all__ = [
     "reconstruct",
     "resolve_precision",
     "rotate_phase",
+    "seed_global_rngs",
 ]
 
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
@@ -104,24 +108,15 @@ def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for part in gathered for r in (part or [])]
 
 
-def _rng_state() -> dict[str, Any]:
-    """Global RNG states as plain types and tensors (loadable with ``torch.load(weights_only=True)``)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
-                                                       int(has_gauss), float(gauss)],
-             "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def seed_global_rngs(seed: int, step: int, rank: int) -> None:
+    """Seed torch (CPU and every GPU), numpy and random from ``(seed, step, rank)``: the global random draws of a
+    training step (dropout, drop-path) then depend on nothing but the run's seed, the step and the process, which
+    makes a resumed run draw what the uninterrupted one drew without saving any RNG state."""
+    words = np.random.SeedSequence([seed, step, rank]).generate_state(2)
+    value = int(words[0]) << 32 | int(words[1])
+    torch.manual_seed(value)
+    np.random.seed(int(words[0]))
+    random.seed(value)
 
 
 class ReconModule(pl.LightningModule):
@@ -135,6 +130,9 @@ class ReconModule(pl.LightningModule):
         ema_decay, ema_warmup: see :class:`kronify.mri.ema.EMA`.
         lpips: LPIPS for the test metrics (``"auto"``: used when its weights are on disk; None: skipped).
         log_images: log (zero-filled | output | target | error) of the first validation slice to TensorBoard.
+        seed: the run's seed for :func:`seed_global_rngs` before every training step (>= 0); None: the torch seed
+            at construction (``pl.seed_everything``'s). Saved in checkpoints and restored on resume.
+        protocol: how validation and test slices are scored, "paper" or "fastmri" (kronify.mri.protocol).
     """
 
     def __init__(
@@ -151,12 +149,16 @@ class ReconModule(pl.LightningModule):
         ema_warmup: bool = True,
         lpips: Any = "auto",
         log_images: bool = True,
+        seed: int | None = None,
+        protocol: str = "fastmri",
     ) -> None:
         super().__init__()
         if lr <= 0:
             raise ValueError(f"learning rate must be > 0, got {lr}")
         if list(milestones) != sorted(set(int(m) for m in milestones)) or any(m < 1 for m in milestones):
             raise ValueError(f"milestones must be increasing positive step counts, got {list(milestones)}")
+        if seed is not None and seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
         self.save_hyperparameters(ignore=["model", "loss", "lpips"])
         self.model = model
         self.loss_fn = loss if loss is not None else CompositeLoss(gamma=0.0)
@@ -164,9 +166,10 @@ class ReconModule(pl.LightningModule):
         self.lpips = lpips
         self.history: list[dict[str, float]] = []  # one entry per validation: step, loss, psnr, ssim
         self.test_metrics: MetricsAccumulator | None = None
-        self._val_acc = MetricsAccumulator(lpips=None)
+        self._val_acc = MetricsAccumulator(lpips=None, protocol=protocol)
         self._test_acc: MetricsAccumulator | None = None
-        self._val_loss_sum, self._val_count = 0.0, 0
+        self._val_losses: dict[tuple[str, int], float] = {}  # per validation slice
+        self._seed = int(torch.initial_seed()) if seed is None else int(seed)
         self._train_seconds = 0.0
         self._fit_start: float | None = None
         self._example: dict[str, Tensor] | None = None
@@ -186,6 +189,9 @@ class ReconModule(pl.LightningModule):
         """(loss, unweighted terms) of the live model on a batch; the loss (FFTs) runs in float32 under AMP too."""
         output = reconstruct(self.model, batch).float()
         return self.loss_fn(output, batch.target.float())
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        seed_global_rngs(self._seed, self.global_step, self.global_rank)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss, terms = self.training_loss(batch)
@@ -218,21 +224,22 @@ class ReconModule(pl.LightningModule):
         return self._train_seconds + running
 
     # -- evaluation --------------------------------------------------------------------------------------------
-    def _eval_batch(self, batch: Any, acc: MetricsAccumulator) -> tuple[Tensor, Tensor]:
+    def _eval_batch(self, batch: Any, acc: MetricsAccumulator) -> Tensor:
+        """The EMA model's output on a batch, scored into ``acc``."""
         output = reconstruct(self.ema.module, batch).float()
-        target = batch.target.float()
-        loss, _ = self.loss_fn(output, target)
-        acc.update(output, target, batch.fname, batch.slice_num, batch.max_value, scale=batch.scale)
-        return output, loss
+        acc.update(output, batch.target.float(), batch.fname, batch.slice_num, batch.max_value, scale=batch.scale)
+        return output
 
     def on_validation_epoch_start(self) -> None:
         self._val_acc.reset()
-        self._val_loss_sum, self._val_count = 0.0, 0
+        self._val_losses = {}
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        output, loss = self._eval_batch(batch, self._val_acc)
-        self._val_loss_sum += float(loss) * batch.input.shape[0]
-        self._val_count += batch.input.shape[0]
+        output = self._eval_batch(batch, self._val_acc)
+        target = batch.target.float()
+        for i, key in enumerate(zip(map(str, batch.fname), map(int, batch.slice_num))):
+            if key not in self._val_losses:  # the loss of each slice, once (batch means would count repeats)
+                self._val_losses[key] = float(self.loss_fn(output[i:i + 1], target[i:i + 1])[0])
         if batch_idx == 0 and self._example is None:
             self._example = {"input": batch.input[0].float().cpu(), "output": output[0].cpu(),
                              "target": batch.target[0].float().cpu()}
@@ -240,8 +247,10 @@ class ReconModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         rows = gather_rows(self._val_acc.state())
         merged = MetricsAccumulator(lpips=None).merge(rows)
-        losses = gather_rows([{"sum": self._val_loss_sum, "n": self._val_count}])
-        val_loss = sum(r["sum"] for r in losses) / max(sum(r["n"] for r in losses), 1)
+        losses: dict[tuple[str, int], float] = {}
+        for row in gather_rows([{"key": key, "loss": loss} for key, loss in self._val_losses.items()]):
+            losses.setdefault(tuple(row["key"]), row["loss"])  # a DistributedSampler's padding repeats slices
+        val_loss = sum(losses.values()) / len(losses) if losses else float("nan")
         summary = merged.summary()
         psnr, ssim = summary["psnr_mean"], summary["ssim_mean"]
         # Already gathered: every process logs the same values (sync_dist only averages equal numbers).
@@ -267,7 +276,7 @@ class ReconModule(pl.LightningModule):
                 logger.experiment.add_image("val/zero_filled|output|target|error", image, self.global_step)
 
     def on_test_epoch_start(self) -> None:
-        self._test_acc = MetricsAccumulator(lpips=self.lpips)
+        self._test_acc = MetricsAccumulator(lpips=self.lpips, protocol=self.hparams.protocol)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         assert self._test_acc is not None
@@ -284,11 +293,9 @@ class ReconModule(pl.LightningModule):
 
     # -- checkpoint extras -------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["kronify"] = {
-            "history": list(self.history),
-            "train_seconds": self.train_seconds,
-            "rng": gather_rows([_rng_state()]),  # one entry per process, in rank order
-        }
+        """This process's own state only, no collective: whichever processes save, none waits on another."""
+        checkpoint["kronify"] = {"history": list(self.history), "train_seconds": self.train_seconds,
+                                 "seed": self._seed}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("kronify")
@@ -296,12 +303,7 @@ class ReconModule(pl.LightningModule):
             return
         self.history = list(extra["history"])
         self._train_seconds = float(extra["train_seconds"])
-        states = extra["rng"]
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if len(states) != (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1):
-            warnings.warn(f"checkpoint was written by {len(states)} process(es); resuming with a different "
-                          "number changes the data order and random draws", stacklevel=2)
-        _set_rng_state(states[min(rank, len(states) - 1)])
+        self._seed = int(extra.get("seed", self._seed))  # older checkpoints saved RNG states instead
 
 
 # ---------------------------------------------------------------------------------------------------------------
