@@ -223,8 +223,8 @@ class DDPMUNet(nn.Module):
 
 def unet_ddpm(in_chans: int = 2, **kwargs) -> DDPMUNet:
     """The paper's U-Net as its official configuration builds it: ch 64, multipliers 1,2,4,8, two residual
-    blocks per level, attention only in the middle, dropout 0, GroupNorm(32): 56,573,442 parameters
-    (`PARAMS_DENSE`); its Kronecker version at n = 2 has 29,625,242 (`PARAMS_KRON_N2`)."""
+    blocks per level, attention only in the middle, dropout 0, GroupNorm(32). Its parameter counts, dense and
+    Kronecker at n = 2, are `PARAMS_DENSE` and `PARAMS_KRON_N2`."""
     cfg = dict(ch=64, ch_mult=(1, 2, 4, 8), num_res_blocks=2, attn_levels=(), dropout=0.0, norm_groups=32)
     return DDPMUNet(in_chans=in_chans, out_chans=in_chans, **{**cfg, **kwargs})
 
