@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from kronify.algebra import resolve_algebra
 from kronify.analysis import Analysis, analyse
 from kronify.config import KronConfig
-from kronify.parametrization import KronParametrization, is_kron, own_kron_parametrizations
+from kronify.parametrization import KronParametrization, is_kron, own_kron_parametrizations, route_parameter_assignment
 from kronify.patterns import Selector
 from kronify.report import ConversionReport, LayerRow, count_params, own_param_count
 
@@ -228,6 +228,7 @@ def parametrize_weight(target: _Target, settings: dict, warm_start: bool) -> Kro
     std = float(w.std()) if w.numel() > 1 else float(w.abs().sum())
     p.param_order = list(target.owner._parameters)
     parametrize.register_parametrization(target.owner, target.tensor, p, unsafe=True)
+    route_parameter_assignment(target.owner)
     if not warm_start:
         plist = target.owner.parametrizations[target.tensor]
         p.cold_start([plist.original0, plist.original1] if p.learned else [plist.original], std)

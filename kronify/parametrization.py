@@ -165,6 +165,22 @@ class KronParametrization(nn.Module):
         return f"shape={self.shape}, n={self.n}, terms={self.terms}, algebra={self.algebra!r}, chunks={self.chunks}"
 
 
+def _assign(self: nn.Module, name: str, value) -> None:
+    """`layer.weight = nn.Parameter(W)` on a parametrized weight projects W like `layer.weight = W` does
+    (nn.Module.__setattr__ would register a new Parameter over the property and raise)."""
+    if isinstance(value, nn.Parameter) and parametrize.is_parametrized(self, name):
+        with torch.no_grad():
+            self.parametrizations[name].right_inverse(value)
+        return
+    type(self).__mro__[1].__setattr__(self, name, value)
+
+
+def route_parameter_assignment(module: nn.Module) -> None:
+    """Install `_assign` on a parametrized module's own class (torch makes one class per module)."""
+    if parametrize.is_parametrized(module) and "__setattr__" not in vars(type(module)):
+        type(module).__setattr__ = _assign
+
+
 def kron_parametrizations(model: nn.Module):
     """Yield (owner module name, owner, tensor name, KronParametrization) for every Kronecker tensor
     below `model` (an owner may be a ParametrizationList: a Kronecker original under another parametrization)."""

@@ -9,7 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kronify import KronLinear, kron_weight, nearest_kronecker
+from torch import nn
+
+import kronify
+from kronify import kron_weight, nearest_kronecker
 from kronify.algebra import ALGEBRAS, algebra_matrices, resolve_algebra
 import kronify.kron as kron_module
 from kronify.kron import _kron_weight_composite, _KronWeight, project_kronecker
@@ -90,7 +93,8 @@ def test_kron_weight_under_vmap_and_per_sample_gradients(monkeypatch):
         batched = torch.func.vmap(fn, in_dims=(None, 0))(A, Fs)
         torch.testing.assert_close(batched, torch.stack([kron_reference(A, F) for F in Fs]))
     monkeypatch.setattr(kron_module, "_FUNCTION_MIN_NUMEL", 0)  # every weight through _KronWeight
-    lin = KronLinear(4, 6, n=2)
+    lin = nn.Linear(4, 6)
+    kronify.convert(nn.Sequential(lin))
     assert type(lin.weight.grad_fn).__name__ == "_KronWeightBackward"
     params = {k: v.detach() for k, v in lin.named_parameters()}
     x = torch.randn(5, 4)
@@ -102,8 +106,9 @@ def test_kron_weight_under_vmap_and_per_sample_gradients(monkeypatch):
     for i in (0, 4):
         lin.zero_grad()
         lin(x[i : i + 1]).pow(2).sum().backward()
-        torch.testing.assert_close(per_sample["F"][i], lin.F.grad)
-        torch.testing.assert_close(per_sample["A"][i], lin.A.grad)
+        factors = lin.parametrizations.weight
+        torch.testing.assert_close(per_sample["parametrizations.weight.original1"][i], factors.original1.grad)
+        torch.testing.assert_close(per_sample["parametrizations.weight.original0"][i], factors.original0.grad)
 
 
 def test_kron_weight_under_cpu_autocast_gives_float32_gradients():
@@ -213,9 +218,11 @@ def test_project_kronecker_is_least_squares_for_fixed_A():
 
 
 def test_complex_algebra_is_complex_matrix_product():
-    layer = KronLinear(6, 4, bias=False, n=2, algebra="complex", dtype=torch.float64)
+    layer = nn.Linear(6, 4, bias=False, dtype=torch.float64)
+    kronify.convert(nn.Sequential(layer), algebra="complex")
+    F = layer.parametrizations.weight.original.detach().view(2, 2, 3)  # (terms, out/n, in/n)
     x_re, x_im = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
-    w = torch.complex(layer.F[0], layer.F[1]).detach()  # F_0 real part, F_1 imaginary part
+    w = torch.complex(F[0], F[1])  # F_0 real part, F_1 imaginary part
     y = torch.complex(x_re, x_im) @ w.T
     out = layer(torch.cat([x_re, x_im], dim=1))
     torch.testing.assert_close(out, torch.cat([y.real, y.imag], dim=1))
@@ -234,9 +241,11 @@ def hamilton(q1, q2):
 
 
 def test_quaternion_algebra_is_hamilton_product():
-    layer = KronLinear(8, 12, bias=False, n=4, algebra="quaternion", dtype=torch.float64)
+    layer = nn.Linear(8, 12, bias=False, dtype=torch.float64)
+    kronify.convert(nn.Sequential(layer), n=4, algebra="quaternion")
+    F = layer.parametrizations.weight.original.detach().view(4, 3, 2)
     xs = [torch.randn(5, 2, dtype=torch.float64) for _ in range(4)]
-    weight_parts = [(lambda x, f=f.detach(): x @ f.T) for f in layer.F]  # F_t acting on a block
+    weight_parts = [(lambda x, f=f: x @ f.T) for f in F]  # F_t acting on a block
     y = hamilton(weight_parts, xs)
     torch.testing.assert_close(layer(torch.cat(xs, dim=1)), torch.cat(y, dim=1))
 

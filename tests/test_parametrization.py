@@ -1,0 +1,303 @@
+"""KronParametrization on every kind of weight: parameter counts, exact warm start, cold start scale,
+assignment, eval cache, channels_last, autocast, forward-mode AD, attention, deepcopy and compile."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import kronify
+import kronify.kron as kron_module
+from kronify import is_kron, nearest_kronecker
+
+
+def reference_weight(A: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+    """Σ_t torch.kron(A_t, F_t) over the first two dims, kernel dims carried by F (F given as (t, p, q, *k))."""
+    kernel = F.shape[3:]
+    return sum(torch.kron(A[t].reshape(*A[t].shape, *([1] * len(kernel))), F[t]) for t in range(A.shape[0]))
+
+
+def convert_one(layer: nn.Module, **kw) -> nn.Module:
+    kronify.convert(nn.Sequential(layer), **kw)
+    return layer
+
+
+def factors(layer: nn.Module, name: str = "weight"):
+    plist = layer.parametrizations[name]
+    p = plist[0]
+    F = plist.original1 if p.learned else plist.original
+    A = plist.original0 if p.learned else p.A
+    return A, F, p
+
+
+KINDS = {
+    "linear": (lambda: nn.Linear(8, 12), (3, 8)),
+    "conv1d": (lambda: nn.Conv1d(4, 6, 3, padding=1), (2, 4, 7)),
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3, padding=1), (2, 4, 5, 5)),
+    "conv3d": (lambda: nn.Conv3d(4, 2, 2), (1, 4, 3, 3, 3)),
+    "conv2d_grouped": (lambda: nn.Conv2d(8, 12, 3, groups=2), (2, 8, 5, 5)),
+    "convT1d": (lambda: nn.ConvTranspose1d(4, 6, 3, stride=2), (2, 4, 5)),
+    "convT2d": (lambda: nn.ConvTranspose2d(4, 6, 2, stride=2), (2, 4, 3, 3)),
+    "convT3d": (lambda: nn.ConvTranspose3d(2, 4, 2, stride=2), (1, 2, 2, 2, 2)),
+    "convT2d_grouped": (lambda: nn.ConvTranspose2d(8, 12, 3, groups=2), (2, 8, 4, 4)),
+    "convT2d_depthwise": (lambda: nn.ConvTranspose2d(4, 8, 3, groups=4), (2, 4, 4, 4)),
+}
+
+
+# ---- parameter counts and layouts -----------------------------------------------------------------
+@st.composite
+def layer_specs(draw):
+    n = draw(st.sampled_from([2, 3]))
+    kind = draw(st.sampled_from(["linear", "conv", "convT"]))
+    a, b = n * draw(st.integers(1, 3)), n * draw(st.integers(1, 3))
+    groups = draw(st.sampled_from([1, 2]))
+    k = draw(st.integers(1, 3))
+    if kind == "linear":
+        layer, x = nn.Linear(b, a, bias=draw(st.booleans())), torch.randn(2, b)
+    elif kind == "conv":
+        layer, x = nn.Conv2d(b * groups, a * groups, k, groups=groups), torch.randn(1, b * groups, 4, 4)
+    else:  # weight (in, out/groups, k, k)
+        layer, x = nn.ConvTranspose2d(a * groups, b * groups, k, groups=groups), torch.randn(1, a * groups, 3, 3)
+    return n, draw(st.integers(1, n * n)), layer, x
+
+
+@settings(max_examples=30, deadline=None)
+@given(spec=layer_specs())
+def test_param_count_shape_and_output_follow_the_factors(spec):
+    n, terms, layer, x = spec
+    cls, shape = type(layer), tuple(layer.weight.shape)
+    bias = 0 if layer.bias is None else layer.bias.numel()
+    rep = kronify.convert(nn.Sequential(layer), n, terms=terms)
+    A, F, _ = factors(layer)
+    expected = terms * n * n + terms * math.prod(shape) // (n * n)  # A plus F, counted from the dense shape
+    assert rep.rows[0].params_after == expected + bias == sum(p.numel() for p in layer.parameters())
+    assert isinstance(layer, cls) and tuple(layer.weight.shape) == shape and F.dim() == len(shape)
+    W = reference_weight(A, F.reshape(terms, shape[0] // n, shape[1] // n, *shape[2:]))
+    torch.testing.assert_close(layer.weight, W)
+    dense = copy.deepcopy(kronify.merge(nn.Sequential(copy.deepcopy(layer)))[0])
+    assert type(dense) is cls
+    torch.testing.assert_close(layer(x), dense(x))
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_warm_start_is_exact_at_full_terms_in_float64(kind):
+    factory, shape = KINDS[kind]
+    torch.manual_seed(0)
+    layer = factory().double()
+    x = torch.randn(shape, dtype=torch.float64)
+    y = layer(x)
+    rep = kronify.convert(nn.Sequential(layer), terms=4, warm_start=True)
+    assert rep.converted == ["0"], rep.skipped
+    assert rep.rows[0].warm_start_error < 1e-12
+    torch.testing.assert_close(layer(x), y, rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_and_depthwise_transposed_conv_counts():
+    grouped = convert_one(nn.ConvTranspose2d(8, 12, 3, groups=2, bias=False))  # weight (8, 6, 3, 3)
+    assert sum(p.numel() for p in grouped.parameters()) == 2 * 4 + 2 * 4 * 3 * 9
+    depthwise = convert_one(nn.ConvTranspose2d(4, 8, 3, groups=4, bias=False))  # weight (4, 2, 3, 3)
+    assert is_kron(depthwise) and sum(p.numel() for p in depthwise.parameters()) == 2 * 4 + 2 * 2 * 1 * 9
+
+
+def test_embedding_and_norm_layers_are_not_candidates():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 4))
+    rep = kronify.convert(model)
+    assert [r.name for r in rep.rows] == ["2"] and not is_kron(model[0])
+
+
+# ---- cold start keeps the model's own init ------------------------------------------------------------
+@pytest.mark.parametrize("init", ["torch_default", "trunc_normal_002", "trained_scale"])
+def test_cold_start_keeps_the_weight_std(init):
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 64)
+    if init == "trunc_normal_002":
+        nn.init.trunc_normal_(layer.weight, std=0.02)
+    elif init == "trained_scale":
+        with torch.no_grad():
+            layer.weight.mul_(7.0)
+    std = float(layer.weight.std())
+    bias = layer.bias.detach().clone()
+    convert_one(layer, algebra="learned")
+    assert float(layer.weight.std()) == pytest.approx(std, rel=1e-5)
+    assert torch.equal(layer.bias, bias)
+    if init == "torch_default":  # kaiming_uniform(a=√5): Var = 1/(3·fan_in)
+        assert std == pytest.approx(1 / math.sqrt(3 * 96), rel=0.05)
+
+
+def test_cold_start_with_a_fixed_algebra_keeps_the_std():
+    layer = nn.Conv2d(8, 8, 3)
+    nn.init.trunc_normal_(layer.weight, std=0.02)
+    convert_one(layer, algebra="complex")
+    assert float(layer.weight.std()) == pytest.approx(float(0.02), rel=0.1)
+
+
+# ---- assignment and frozen-ness ---------------------------------------------------------------------
+def test_weight_assignment_projects_onto_the_nearest_kronecker_sum():
+    torch.manual_seed(0)
+    layer = convert_one(nn.Linear(6, 8, dtype=torch.float64), terms=2)
+    W = torch.randn(8, 6, dtype=torch.float64)
+    layer.weight = W
+    A, F, _ = nearest_kronecker(W, 2, 2)
+    torch.testing.assert_close(layer.weight, reference_weight(A, F))
+    assert is_kron(layer)
+    exact = reference_weight(torch.randn(2, 2, 2, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64))
+    layer.weight = nn.Parameter(exact)  # what HF weight tying and torchao assign: a Kronecker sum stays exact
+    torch.testing.assert_close(layer.weight, exact)
+
+
+# ---- the eval-mode cache ------------------------------------------------------------------------------
+def test_eval_cache_is_used_also_under_autocast_and_never_stale():
+    torch.manual_seed(0)
+    layer = convert_one(nn.Conv2d(4, 4, 3, padding=1))
+    A, F, p = factors(layer)
+    layer.eval()
+    with torch.no_grad():
+        w1 = layer.weight
+        assert layer.weight is w1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer.weight is w1  # the built weight is float32 and is reused under autocast
+        F.mul_(-1)  # an in-place factor edit (optimizer step)
+        torch.testing.assert_close(layer.weight, -w1, rtol=0, atol=0)
+    assert layer.weight is not w1 and layer.weight.requires_grad  # grad mode: built afresh
+    layer.train()
+    assert p._cache is None
+
+
+# ---- channels_last, autocast, low precision ------------------------------------------------------------
+def test_channels_last_conversion_of_a_converted_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(8, 4, 2, stride=2))
+    kronify.convert(model)
+    x = torch.randn(2, 4, 6, 6)
+    y = model(x)
+    model.to(memory_format=torch.channels_last)
+    _, F, _ = factors(model[0])
+    assert F.is_contiguous(memory_format=torch.channels_last)
+    out = model(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, y, rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert torch.isfinite(F.grad).all()
+
+
+def test_autocast_bf16_on_cpu_builds_the_weight_in_float32():
+    torch.manual_seed(0)
+    layer = convert_one(nn.Linear(16, 8))
+    A, F, _ = factors(layer)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.weight.dtype == torch.float32
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert F.grad.dtype == torch.float32 and torch.isfinite(F.grad).all()
+
+
+def test_bfloat16_factors_accumulate_in_float32():
+    torch.manual_seed(0)
+    layer = convert_one(nn.Linear(64, 64), terms=4)
+    A, F, p = factors(layer)
+    exact = p.build(A.double(), F.double())
+    layer.to(torch.bfloat16)
+    A, F, _ = factors(layer)
+    W = layer.weight
+    assert W.dtype == torch.bfloat16
+    torch.testing.assert_close(W, p.build(A.float(), F.float()).to(torch.bfloat16), rtol=0, atol=0)
+    assert float((W.double() - exact).abs().max()) < 0.05 * float(exact.abs().max())
+
+
+# ---- forward-mode AD ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [(8, 12), (1024, 1024)], ids=["composite", "KronWeight_2^20"])
+def test_jvp_and_jacfwd_on_small_and_large_weights(size):
+    torch.manual_seed(0)
+    layer = convert_one(nn.Linear(size[1], size[0], bias=False))
+    names = ["parametrizations.weight.original0", "parametrizations.weight.original1"]
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(2, size[1])
+    tangents = {k: torch.randn_like(v) for k, v in params.items()}
+
+    def f(A, F):
+        return torch.func.functional_call(layer, {names[0]: A, names[1]: F}, (x,))
+
+    _, dy = torch.func.jvp(f, (params[names[0]], params[names[1]]), (tangents[names[0]], tangents[names[1]]))
+    A, F = params[names[0]], params[names[1]].view(2, size[0] // 2, size[1] // 2)
+    dA, dF = tangents[names[0]], tangents[names[1]].view_as(F)
+    dW = reference_weight(dA, F) + reference_weight(A, dF)  # W is bilinear in (A, F)
+    torch.testing.assert_close(dy, x @ dW.T, rtol=1e-4, atol=1e-4)
+    if size[0] < 64:
+        J = torch.func.jacfwd(f, argnums=0)(params[names[0]], params[names[1]])
+        torch.testing.assert_close(J, torch.func.jacrev(f, argnums=0)(params[names[0]], params[names[1]]))
+
+
+def test_large_weight_takes_the_function_path(monkeypatch):
+    layer = convert_one(nn.Linear(1024, 1024, bias=False))
+    assert type(layer.weight.grad_fn).__name__ == "_KronWeightBackward"
+    monkeypatch.setattr(kron_module, "_FUNCTION_MIN_NUMEL", 1 << 30)
+    assert type(layer.weight.grad_fn).__name__ != "_KronWeightBackward"
+
+
+# ---- attention -----------------------------------------------------------------------------------
+class PlainSubclass(nn.MultiheadAttention):
+    """A subclass that adds nothing."""
+
+
+@pytest.mark.parametrize("cls, kw", [(nn.MultiheadAttention, {}), (nn.MultiheadAttention, dict(kdim=6, vdim=4)),
+                                     (PlainSubclass, {}), (nn.MultiheadAttention, dict(add_bias_kv=True))],
+                         ids=["packed", "separate", "subclass", "bias_kv"])
+def test_attention_warm_start_exact_and_one_kronecker_sum_per_projection(cls, kw):
+    torch.manual_seed(0)
+    mha = cls(8, 2, batch_first=True, **kw).double()
+    q = torch.randn(2, 5, 8, dtype=torch.float64)
+    k = torch.randn(2, 5, kw.get("kdim", 8), dtype=torch.float64)
+    v = torch.randn(2, 5, kw.get("vdim", 8), dtype=torch.float64)
+    y = mha(q, k, v)[0]
+    model = nn.Sequential(mha)
+    rep = kronify.convert(model, terms=4, warm_start=True)
+    assert set(rep.converted) == {"0", "0.out_proj"} and type(mha) is not nn.Linear and isinstance(mha, cls)
+    torch.testing.assert_close(mha(q, k, v)[0], y)
+    if "kdim" in kw:
+        assert all(is_kron(mha) and mha.parametrizations[n][0].chunks == 1 for n in ("q_proj_weight", "k_proj_weight"))
+    else:
+        A, F, p = factors(mha, "in_proj_weight")
+        assert p.chunks == 3 and A.shape == (12, 2, 2) and F.shape == (3 * 4 * 4, 4)
+    mha.eval()
+    with torch.no_grad():  # eval (fast path where torch takes it) reads the same weights
+        torch.testing.assert_close(mha(q, k, v)[0], y)
+
+
+# ---- torch tooling ---------------------------------------------------------------------------------
+def test_deepcopy_state_dict_keys_and_load():
+    torch.manual_seed(0)
+    layer = convert_one(nn.Conv2d(4, 6, 3, padding=1), terms=3)
+    x = torch.randn(2, 4, 5, 5)
+    y = layer(x)
+    assert set(layer.state_dict()) == {"bias", "parametrizations.weight.original0", "parametrizations.weight.original1"}
+    twin = copy.deepcopy(layer)
+    torch.testing.assert_close(twin(x), y)
+    with torch.no_grad():
+        twin.parametrizations.weight.original1.add_(1)
+    torch.testing.assert_close(layer(x), y)  # the copy owns its factors
+    kronify.merge(nn.Sequential(twin))
+    assert is_kron(layer) and not is_kron(twin)  # merging a copy leaves the original parametrized
+    torch.testing.assert_close(layer(x), y)
+    other = convert_one(nn.Conv2d(4, 6, 3, padding=1), terms=3)
+    other.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(other(x), y)
+
+
+def test_torch_compile_aot_eager():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(4, 2, 2, stride=2))
+    kronify.convert(model)
+    x = torch.randn(2, 4, 6, 6)
+    compiled = torch.compile(model, backend="aot_eager")
+    y = compiled(x)
+    torch.testing.assert_close(y, model(x))
+    y.sum().backward()
+    A, F, _ = factors(model[0])
+    assert F.grad is not None and A.grad is not None
