@@ -124,12 +124,22 @@ def _target(module: nn.Module, name: str, chunks: int, n: int, owners: dict) -> 
     if others:
         return None, f"{name} is shared with {others[0]} (tied weights)"
     rows, cols = t.shape[0] // chunks, t.shape[1]
-    bad = [f"dim {k} = {d}" for k, d in ((0, rows), (1, cols)) if d % n]
+    bad = [f"{k}={d}" for k, d in zip(_dim_names(module, name), (rows, cols)) if d % n]
     if bad:
-        groups = getattr(module, "groups", 1)
-        depthwise = "depthwise " if groups > 1 and 1 in (rows, cols) else ""
-        return None, f"{depthwise}{name} of shape {tuple(t.shape)}: {' and '.join(bad)} not divisible by n={n}"
+        depthwise = "depthwise, " if getattr(module, "groups", 1) > 1 and 1 in (rows, cols) else ""
+        return None, f"{depthwise}{' and '.join(bad)} not divisible by n={n}"
     return _Target(owner, tensor, tuple(t.shape), chunks), ""
+
+
+def _dim_names(module: nn.Module, name: str) -> tuple[str, str]:
+    """What the weight's first two dims are, in the layer's own terms (for messages)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "embed_dim", {"k_proj_weight": "kdim", "v_proj_weight": "vdim"}.get(name, "embed_dim")
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "in_channels", "out_channels/groups"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "out_channels", "in_channels/groups"
+    return ("in_features", "out_features") if _is_hf_conv1d(module) else ("out_features", "in_features")
 
 
 def _call_note(a: Analysis, c: _Candidate) -> str:

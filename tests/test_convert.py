@@ -152,12 +152,12 @@ def test_strict_lists_every_unconvertible_layer_and_leaves_model_unchanged():
         kronify.convert(model, strict=True)
     msg = str(err.value)
     assert "3 selected layer(s)" in msg
-    assert "0 (weight of shape (8, 3, 3, 3): dim 1 = 3 not divisible by n=2)" in msg
-    assert "1 (depthwise weight" in msg and "3 (weight of shape (5, 8): dim 0 = 5 not divisible by n=2)" in msg
+    assert "0 (in_channels/groups=3 not divisible by n=2)" in msg
+    assert "1 (depthwise" in msg and "3 (out_features=5 not divisible by n=2)" in msg
     assert_unchanged(model, snap)
     rep = kronify.convert(model)  # not strict: the same layers are skipped with their reasons
     assert rep.converted == ["2"] and set(rep.skipped) == {"0", "1", "3"}
-    assert rep.skipped["1"] == "depthwise weight of shape (8, 1, 3, 3): dim 1 = 1 not divisible by n=2"
+    assert rep.skipped["1"] == "depthwise, in_channels/groups=1 not divisible by n=2"
 
 
 def test_error_while_building_leaves_model_unchanged(monkeypatch):
@@ -418,7 +418,7 @@ def test_report_fields_table_and_json_round_trip():
     assert rep.params_before == before and rep.params_after == sum(p.numel() for p in model.parameters())
     assert rep.traced is True and rep.trace_error is None and rep.model is model
     assert rep.converted == ["body.0", "body.2", "head.fc1", "head.fc2"]
-    assert rep.skipped == {"stem": "weight of shape (8, 3, 3, 3): dim 1 = 3 not divisible by n=2"}
+    assert rep.skipped == {"stem": "in_channels/groups=3 not divisible by n=2"}
     row = rep.rows[1]
     assert (row.name, row.kind, row.shape, row.n, row.terms, row.status) == ("body.0", "Conv2d", (8, 8, 3, 3), 2, 2,
                                                                              "converted")
@@ -426,7 +426,7 @@ def test_report_fields_table_and_json_round_trip():
     assert row.params_after == 2 * 2 * 2 + 2 * 4 * 4 * 9 + 8 == kron_param_count((8, 8, 3, 3), 2, 2) + 8
     assert 0 < row.warm_start_error < 1
     text = str(rep)
-    assert all(name in text for name in ["stem", "body.0", "head.fc2", "skipped: weight of shape (8, 3, 3, 3)"])
+    assert all(name in text for name in ["stem", "body.0", "head.fc2", "skipped: in_channels/groups=3"])
     assert f"{before:,}" in text and f"{rep.params_after:,}" in text and f"x{rep.ratio:.3f}" in text
     d = rep.to_dict()
     assert json.loads(json.dumps(d)) == d
