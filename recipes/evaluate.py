@@ -2,9 +2,11 @@
 
     python recipes/evaluate.py --run out/unet-demo-4x                        # the run's own test split
     python recipes/evaluate.py --run RUN --data-path /data/knee_val --save-reconstructions
+    python recipes/evaluate.py --run RUN --protocol paper                   # score a fastmri run the paper's way
 
 RUN is a folder a recipe wrote (metrics.json, checkpoints/last.ckpt). The model is rebuilt from its metrics.json
-(family, preset, Kronecker n and algebra) and scored with the run's crop, slices and acceleration. Writes
+(family, preset, Kronecker n and algebra) and scored with the run's crop, slices, acceleration and masks under
+--protocol (default: the run's own; kronify.mri.protocol). Writes
 metrics.json (the run's keys, the scores, a zero_filled block), per_volume.csv, per_slice.csv, reconstruction.png
 and examples.npz to --out (default RUN/eval-test, or RUN/eval-<folder name> with --data-path); with
 --save-reconstructions also OUT/reconstructions/<file>.h5 in fastMRI's submission layout. The orchestration is
@@ -21,9 +23,10 @@ from pathlib import Path
 import torch
 
 from _common import RecipeError, build_model
-from kronify.mri.data import DataError, MRITransform
+from kronify.mri.data import DataError
 from kronify.mri.evaluate import RECONSTRUCTIONS, evaluate_run
 from kronify.mri.presets import get_preset
+from kronify.mri.protocol import PROTOCOLS
 from kronify.mri.trained_run import RunError, TrainedRun
 
 
@@ -33,7 +36,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     parser.add_argument("--run", required=True, metavar="RUN_DIR", help="a recipe's output folder")
     parser.add_argument("--data-path", default=None, metavar="ROOT",
                         help="fastMRI-format folder to evaluate on, all of its files (default: the run's test split)")
-    parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/eval-test or RUN_DIR/eval-<ROOT>)")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
+                        help="how slices are undersampled, normalised and scored (default: the run's own)")
+    parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/eval-test or RUN_DIR/eval-<ROOT>, "
+                        "with -<protocol> appended when --protocol is given)")
     parser.add_argument("--save-reconstructions", action="store_true",
                         help="write OUT/reconstructions/<file>.h5 (fastMRI's submission layout)")
     parser.add_argument("--batch-size", type=int, default=None, help="slices per batch (the run's preset default)")
@@ -53,23 +59,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as err:
             raise RunError(f"{run.path / 'metrics.json'}: {err}") from err
         model = build_model(info["family"], preset, int(info["kron_n"]), info.get("algebra") or "learned")
-        transform = MRITransform(preset.crop, int(info["acceleration"]), fixed_mask=True)
         if args.out is None:
             tag = "test" if args.data_path is None else Path(args.data_path).expanduser().resolve().name
-            out = run.path / f"eval-{tag}"
+            out = run.path / (f"eval-{tag}" + (f"-{args.protocol}" if args.protocol else ""))
         else:
             out = Path(args.out)
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         batch_size = args.batch_size if args.batch_size is not None else preset.eval_batch_size
-        result = evaluate_run(run, model, out, transform=transform, data_root=args.data_path,
+        result = evaluate_run(run, model, out, crop=preset.crop, protocol=args.protocol, data_root=args.data_path,
                               num_slices=preset.num_slices, save_reconstructions=args.save_reconstructions,
                               batch_size=batch_size, device=device)
     except (RunError, DataError, RecipeError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     zf = result["zero_filled"]
-    print(f"{result['model']} {result['acceleration']}x on {result['eval_set']} of {result['eval_data']} "
-          f"({result['n_volumes']} volumes, {result['n_slices']} slices): SSIM {result['ssim_mean']:.4f} "
-          f"(zero-filled {zf['ssim_mean']:.4f}), PSNR {result['psnr_mean']:.2f} dB (zero-filled "
+    print(f"{result['model']} {result['acceleration']}x, {result['protocol']} protocol, on {result['eval_set']} of "
+          f"{result['eval_data']} ({result['n_volumes']} volumes, {result['n_slices']} slices): "
+          f"SSIM {result['ssim_mean']:.4f} (zero-filled {zf['ssim_mean']:.4f}), PSNR {result['psnr_mean']:.2f} dB (zero-filled "
           f"{zf['psnr_mean']:.2f}) -> {out / 'metrics.json'}"
           + (f"; reconstructions in {out / RECONSTRUCTIONS}" if args.save_reconstructions else ""), flush=True)
     return 0

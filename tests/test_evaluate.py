@@ -12,15 +12,17 @@ import shutil
 from argparse import Namespace
 from pathlib import Path
 
+import fastmri
 import h5py
 import numpy as np
 import pytest
 import torch
 from fastmri import evaluate as fastmri_eval
+from fastmri.data.subsample import RandomMaskFunc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kronify.mri.evaluate import METRICS_KEYS
+from kronify.mri.evaluate import FIXED_MASK, METRICS_KEYS
 from kronify.mri.export import SLICE_INDEX, ReconstructionWriter
 from kronify.mri.trained_run import RunError, TrainedRun
 
@@ -269,3 +271,56 @@ def test_writer_rejects_a_volume_that_comes_back(tmp_path):
     with pytest.raises(ValueError, match="slice 0 of b.h5 was given twice"):
         writer.add("b.h5", 0, np.zeros((2, 2)))
     assert math.isclose(float(h5py.File(tmp_path / "a.h5", "r")["reconstruction"][()].sum()), 0.0)
+
+
+def fastmri_fixed_mask(width: int, acceleration: int = 4, center_fraction: float = 0.08) -> np.ndarray:
+    """The paper protocol's mask straight from fastMRI: RandomMaskFunc with seed 0 over ``width`` columns."""
+    mask, _ = RandomMaskFunc([center_fraction], [acceleration])((1, width, 1), seed=0)
+    return mask.reshape(-1).numpy()
+
+
+def test_scores_a_run_under_another_protocol(demo_root, ema_run, tmp_path):
+    """--protocol paper on a fastmri run: one seed-0 mask over the crop's k-space, each slice scored with its own
+    target max as data range, means over slices."""
+    out = tmp_path / "paper"
+    assert run_recipe("evaluate", ["--run", str(ema_run), "--protocol", "paper", "--out", str(out),
+                                   "--save-reconstructions"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["protocol"] == "paper" and metrics["run_protocol"] == "fastmri"
+    assert metrics["metrics_over"] == "slices" and metrics["fixed_mask"] is True
+    mask = fastmri_fixed_mask(32)
+    assert np.array_equal(np.load(out / FIXED_MASK), mask)
+    examples = np.load(out / "examples.npz")
+    for zero_filled, target in zip(examples["zero_filled"], examples["target"]):
+        kspace = fastmri.fft2c(torch.from_numpy(target).movedim(0, -1))  # (H, W, 2)
+        expected = fastmri.ifft2c(kspace * torch.from_numpy(mask).view(1, -1, 1)).movedim(-1, 0)
+        assert torch.allclose(torch.from_numpy(zero_filled), expected, rtol=1e-4, atol=1e-6 * float(target.max()))
+    rows = read_csv(out / "per_slice.csv")
+    for fname in {r["fname"] for r in rows}:
+        with h5py.File(out / "reconstructions" / fname, "r") as hf, h5py.File(next(demo_root.rglob(fname))) as src:
+            recon, gt = hf["reconstruction"][()], src["reconstruction_esc"][()]
+        for r in (r for r in rows if r["fname"] == fname):
+            s = int(r["slice_num"])
+            one_gt, one = gt[s : s + 1], recon[s : s + 1]
+            assert float(r["psnr"]) == pytest.approx(float(fastmri_eval.psnr(one_gt, one, one_gt.max())), rel=1e-5)
+            assert float(r["ssim"]) == pytest.approx(float(fastmri_eval.ssim(one_gt, one, one_gt.max())[0]), rel=1e-5)
+    assert metrics["psnr_mean"] == pytest.approx(np.mean([float(r["psnr"]) for r in rows]), rel=1e-9)
+    assert metrics["n_slices"] == len(rows)
+
+
+def test_a_paper_run_is_scored_under_its_own_protocol_and_mask(recipes_path, demo_root, tmp_path):
+    """Without --protocol a run is scored as it was tested: the paper run's saved mask, its own test scores."""
+    import _common
+
+    run = tmp_path / "paper_run"
+    assert _common.run_recipe("unet", ["--data-path", str(demo_root), "--preset", "tiny", "--max-steps", "1",
+                                       "--protocol", "paper", "--out", str(run), "--no-progress"]) == 0
+    assert run_recipe("evaluate", ["--run", str(run)]) == 0
+    ours = json.loads((run / "eval-test" / "metrics.json").read_text())
+    theirs = json.loads((run / "metrics.json").read_text())
+    assert ours["protocol"] == theirs["protocol"] == "paper" and ours["metrics_over"] == "slices"
+    (saved,) = run.glob("mask_*.npy")
+    assert np.array_equal(np.load(run / "eval-test" / FIXED_MASK), np.load(saved))
+    for key in ("ssim_mean", "psnr_mean", "nmse_mean", "phase_error_mean"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key
+        assert ours["zero_filled"][key] == pytest.approx(theirs["zero_filled"][key], rel=1e-6), key

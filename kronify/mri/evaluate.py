@@ -28,11 +28,14 @@ from kronify.mri.complex import magnitude
 from kronify.mri.data import DEFAULT_ACQUISITIONS, DataError, MRITransform, SplitDataset, data_folders, scan_volumes
 from kronify.mri.export import ReconstructionWriter
 from kronify.mri.figures import reconstruction_figure
+from kronify.mri.masks import draw_fixed_mask
 from kronify.mri.metrics import MetricsAccumulator, write_csv
+from kronify.mri.protocol import Protocol, get_protocol
 from kronify.mri.trained_run import RunError, TrainedRun
 from kronify.mri.training import reconstruct
 
 __all__ = [
+    "FIXED_MASK",
     "METRICS_KEYS",
     "RECONSTRUCTIONS",
     "evaluate_run",
@@ -50,6 +53,8 @@ METRICS_KEYS = ("model", "kron_n", "acceleration", "params", "gflops", "ssim_mea
                 "psnr_std", "nmse_mean", "phase_error_mean", "lpips_mean", "lpips_std", "train_seconds", "steps")
 #: The folder of :func:`evaluate_run`'s output that holds the exported reconstructions.
 RECONSTRUCTIONS = "reconstructions"
+#: The file of :func:`evaluate_run`'s output that holds the one column mask of a fixed-mask evaluation.
+FIXED_MASK = "mask.npy"
 
 
 def _clean(value: Any) -> Any:
@@ -194,31 +199,48 @@ def write_results(
 
 def evaluation_dataset(
     root: str | os.PathLike,
-    transform: MRITransform,
     files: Collection[str] | None = None,
     *,
+    crop: int | Sequence[int],
+    acceleration: int,
+    protocol: str | Protocol = "fastmri",
+    mask_type: str = "random",
+    center_fraction: float | None = None,
+    fixed_mask: bool | None = None,
     num_slices: int | None = None,
     acquisitions: Collection[str] | None = DEFAULT_ACQUISITIONS,
 ) -> SplitDataset:
-    """The slices to score: the volumes ``files`` under ``root``, or (None) every file of ``acquisitions`` there.
+    """The slices to score: the volumes ``files`` under ``root``, or (None) every file of ``acquisitions`` there,
+    undersampled and normalised under ``protocol`` (:mod:`kronify.mri.protocol`).
 
-    ``transform`` must use fixed masks (``fixed_mask=True``), so the scores do not depend on a random draw.
+    Masks never depend on a random draw: with ``fixed_mask`` (default: the protocol's, on under ``paper``) every
+    slice gets the one mask the protocol draws (fastMRI's mask function with the protocol's seed over the crop's
+    columns under ``paper``, the raw k-space's under ``fastmri``), the mask a training run of the same settings
+    saved; otherwise each volume gets its own mask seeded by its file name, as fastMRI's validation does.
     Raises :class:`~kronify.mri.data.DataError` naming the folder or the volumes that are missing or too small.
     """
-    if not transform.fixed_mask:
-        raise ValueError("evaluation needs fixed masks: build the transform with fixed_mask=True")
-    index = scan_volumes(root, acquisitions)
-    volumes = index.by_name()
-    if files is None:
-        files = sorted(volumes)
-    missing = sorted(set(files) - set(volumes))
+    protocol = get_protocol(protocol)
+    crop_hw = (crop, crop) if isinstance(crop, int) else tuple(crop)
+    volumes = scan_volumes(root, acquisitions).by_name()
+    files = sorted(volumes) if files is None else sorted(files)
+    missing = [f for f in files if f not in volumes]
     if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
         raise DataError(f"{len(missing)} volume(s) to evaluate are not under {root} (or not of acquisition "
-                        f"{sorted(acquisitions or [])}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+                        f"{sorted(acquisitions or [])}): {shown}")
     for name in files:
         height, width = volumes[name].shape
-        if transform.crop[0] > height or transform.crop[1] > width:
-            raise DataError(f"crop {transform.crop} is larger than the image {height}x{width} of {volumes[name].path}")
+        if crop_hw[0] > height or crop_hw[1] > width:
+            raise DataError(f"crop {crop_hw} is larger than the image {height}x{width} of {volumes[name].path}")
+    mask = None
+    if protocol.fixed_mask if fixed_mask is None else fixed_mask:
+        widths = {crop_hw[1]} if protocol.mask_over == "crop" else {volumes[f].shape[1] for f in files}
+        if len(widths) != 1:
+            raise DataError(f"one fixed mask over the raw k-space needs one k-space width, but the volumes under "
+                            f"{root} have {sorted(widths)} columns; evaluate without a fixed mask")
+        mask = draw_fixed_mask(widths.pop(), acceleration, center_fraction, mask_type, protocol.mask_seed)
+    transform = MRITransform(crop_hw, acceleration, center_fraction, mask_type, fixed_mask=True, protocol=protocol,
+                             mask=mask)
     return SplitDataset("test", data_folders(root), files, transform, num_slices)
 
 
@@ -232,7 +254,8 @@ def evaluate_run(
     model: nn.Module,
     out_dir: str | os.PathLike,
     *,
-    transform: MRITransform,
+    crop: int | Sequence[int],
+    protocol: str | Protocol | None = None,
     data_root: str | os.PathLike | None = None,
     num_slices: int | None = None,
     acquisitions: Collection[str] | None = DEFAULT_ACQUISITIONS,
@@ -244,9 +267,10 @@ def evaluate_run(
     """Score ``run``'s EMA weights on its own test split, or on every volume under ``data_root``.
 
     ``model`` is the run's architecture, built as its recipe built it; the EMA weights from the run's checkpoint
-    are loaded into it. ``transform`` (fixed masks), ``num_slices`` and ``acquisitions`` say which slices are
-    scored and how they are undersampled (see :func:`evaluation_dataset`). Into ``out_dir`` go metrics.json
-    (the run's description, the scores, a ``zero_filled`` block and ``eval_*`` keys saying what was scored;
+    are loaded into it. The slices are the run's (``crop``, ``num_slices``, ``acquisitions``, its acceleration
+    and mask settings), undersampled, normalised and scored under ``protocol`` (default: the run's own; see
+    :func:`evaluation_dataset`). Into ``out_dir`` go metrics.json (the run's description, the scores, a
+    ``zero_filled`` block, the protocol and mask settings used, and ``eval_*`` keys saying what was scored;
     ``info`` adds or replaces keys), per_volume.csv, per_slice.csv, reconstruction.png and examples.npz; with
     ``save_reconstructions`` also ``out_dir/reconstructions/<file>.h5`` in fastMRI's submission layout
     (:mod:`kronify.mri.export`). Everything is checked before anything is written, and the run folder is never
@@ -270,11 +294,18 @@ def evaluate_run(
         root, files, eval_set = Path(data_root).expanduser(), None, "all volumes"
         if not root.is_dir():
             raise DataError(f"data folder {str(root)!r} does not exist or is not a folder")
-    dataset = evaluation_dataset(root, transform, files, num_slices=num_slices, acquisitions=acquisitions)
+    protocol = get_protocol(protocol or run.protocol)
+    masks = {"protocol": protocol.name, "mask_type": run.info.get("mask_type") or "random",
+             "center_fraction": run.info.get("center_fraction"),
+             # the run's choice under its own protocol, else the evaluation protocol's default
+             "fixed_mask": run.info.get("fixed_mask") if protocol.name == run.protocol else None}
+    dataset = evaluation_dataset(root, files, crop=crop, acceleration=int(run.info["acceleration"]),
+                                 num_slices=num_slices, acquisitions=acquisitions, **masks)
+    masks["fixed_mask"] = dataset.transform.mask is not None
     device = torch.device(device)
     model = run.load_ema_weights(model).to(device)
 
-    metrics = MetricsAccumulator(lpips="auto")
+    metrics = MetricsAccumulator(lpips="auto", protocol=protocol)
     writer = ReconstructionWriter(out_dir / RECONSTRUCTIONS) if save_reconstructions else None
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
         batch = _on_device(batch, device)
@@ -287,14 +318,18 @@ def evaluate_run(
     if writer is not None:
         writer.close()
 
-    results = ("zero_filled", "lpips_message", "n_slices", "n_volumes", "test_files")
+    results = ("zero_filled", "lpips_message", "n_slices", "n_volumes", "test_files", "metrics_over")
     described = {k: v for k, v in run.info.items() if k not in results and not k.endswith(("_mean", "_std"))}
+    described.update(masks)
     described.update({
-        "eval_run": str(run.path), "eval_checkpoint": str(run.checkpoint), "eval_weights": "ema",
-        "eval_data": str(root.resolve()), "eval_set": eval_set, "eval_files": list(dataset.files),
-        "eval_device": str(device),
+        "run_protocol": run.protocol, "eval_run": str(run.path), "eval_checkpoint": str(run.checkpoint),
+        "eval_weights": "ema", "eval_data": str(root.resolve()), "eval_set": eval_set,
+        "eval_files": list(dataset.files), "eval_device": str(device),
     })
     described.update(info or {})
+    if dataset.transform.mask is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        np.save(out_dir / FIXED_MASK, dataset.transform.mask.numpy())
     examples = reconstruct_examples(model, dataset, example_indices(dataset))
     zero_filled = zero_filled_metrics(dataset, batch_size)
     return write_results(out_dir, described, metrics, examples, zero_filled=zero_filled, history=None)

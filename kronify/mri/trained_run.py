@@ -66,6 +66,12 @@ class TrainedRun:
         return cls(path.resolve(), info, checkpoint.resolve())
 
     @property
+    def protocol(self) -> str:
+        """The protocol the run was trained and tested under (runs from before protocols: ``fastmri``, whose
+        per-file test masks and per-volume data range they used)."""
+        return str(self.info.get("protocol") or "fastmri")
+
+    @property
     def data_root(self) -> Path | None:
         """The data folder the run was trained on (None for runs that did not record it)."""
         root = self.info.get("data_root")
