@@ -7,6 +7,10 @@
   default preset is ``paper``.
 - Without it, the embedded demo dataset is built once into the cache folder ($KRONIFY_CACHE, default
   ~/.cache/kronify) and the default preset is ``demo`` (CPU, minutes).
+- ``--protocol paper|fastmri`` (default: the preset's; ``paper`` for the paper preset, ``fastmri`` for demo and
+  tiny) decides how slices are undersampled, normalised and scored (kronify.mri.protocol); masks are set with
+  ``--mask-type``, ``--center-fraction``, ``--acceleration`` and ``--fixed-mask`` (one mask for training and
+  testing, saved as OUT/mask_*.npy; the default under the paper protocol).
 
 Each variant (``--kron-n 0`` dense, ``--kron-n 2`` Kronecker, both with ``--kron-n 0 2``) is trained, then
 evaluated on the test split with its EMA weights: OUT/metrics.json, per_volume.csv, per_slice.csv,
@@ -32,14 +36,16 @@ import torch
 import kronify
 import zoo
 from kronify.mri.checkpoint import last_checkpoint
-from kronify.mri.data import SPLITS, DataError, SplitDataset, build_datasets, data_folders
+from kronify.mri.data import SPLITS, DataError, SplitDataset, build_datasets
 from kronify.mri.evaluate import example_indices, reconstruct_examples, write_results, zero_filled_metrics
 from kronify.mri.losses import CompositeLoss
+from kronify.mri.masks import MASK_TYPES
 from kronify.mri.presets import FAMILIES, PRESETS, Preset, get_preset
+from kronify.mri.protocol import PROTOCOLS, get_protocol
 from kronify.mri.training import PRECISIONS, ReconDataModule, ReconModule, ZeroFilledStart, make_trainer
 from zoo.summary import count_flops, count_params
 
-ACCELERATIONS = (4, 8)
+ACCELERATIONS = (4, 8, 16)
 ALGEBRAS = ("learned", "complex")
 
 
@@ -59,7 +65,17 @@ def add_arguments(parser: argparse.ArgumentParser, *, variants: bool = True) -> 
                       help="fastMRI single-coil root (singlecoil_train/, singlecoil_val/); omit for the demo data")
     data.add_argument("--preset", choices=sorted(PRESETS), default=None,
                       help="paper (default with --data-path), demo (default without), tiny (tests)")
-    data.add_argument("--acceleration", type=int, choices=ACCELERATIONS, default=4, help="undersampling (4 or 8)")
+    data.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
+                      help="paper (the official code: fixed mask over the crop, per-slice metrics) or fastmri "
+                           "(fastMRI's transforms, per-volume metrics); default: the preset's")
+    data.add_argument("--acceleration", type=int, choices=ACCELERATIONS, default=None,
+                      help="undersampling (default: the preset's first acceleration: 8 for paper, 4 for demo/tiny)")
+    data.add_argument("--mask-type", choices=MASK_TYPES, default="random", help="fastMRI mask function")
+    data.add_argument("--center-fraction", type=float, default=None,
+                      help="fully sampled centre fraction (default: 0.08 at 4x, 0.04 at 8x, 0.02 at 16x)")
+    data.add_argument("--fixed-mask", action=argparse.BooleanOptionalAction, default=None,
+                      help="one mask for training and testing, saved with the run (default: on under the paper "
+                           "protocol, off under fastmri: random training masks, per-file test masks)")
     data.add_argument("--limit-cases", type=int, default=None, metavar="N",
                       help="use at most N volumes of each split (quick runs)")
     data.add_argument("--cache-dir", default=None, help="demo data cache (default $KRONIFY_CACHE or ~/.cache/kronify)")
@@ -114,8 +130,21 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
         raise RecipeError(f"--lr must be > 0, got {args.lr}")
     if args.gamma is not None and args.gamma < 0:
         raise RecipeError(f"--gamma must be >= 0, got {args.gamma}")
+    center = getattr(args, "center_fraction", None)
+    if center is not None and not 0 < center < 1:
+        raise RecipeError(f"--center-fraction must lie in (0, 1), got {center}")
     return get_preset(name, batch_size=args.batch_size, lr=args.lr, gamma=args.gamma, val_every=args.val_every,
-                      ckpt_every=args.ckpt_every, num_workers=args.num_workers, precision=args.precision)
+                      ckpt_every=args.ckpt_every, num_workers=args.num_workers, precision=args.precision,
+                      protocol=getattr(args, "protocol", None))
+
+
+def mask_settings(args: argparse.Namespace, preset: Preset) -> dict[str, Any]:
+    """The run's mask settings (protocol, type, centre fraction, fixed or not), as recorded in metrics.json."""
+    protocol = get_protocol(preset.protocol)
+    fixed = getattr(args, "fixed_mask", None)
+    return {"protocol": protocol.name, "mask_type": getattr(args, "mask_type", "random"),
+            "center_fraction": getattr(args, "center_fraction", None),
+            "fixed_mask": protocol.fixed_mask if fixed is None else bool(fixed)}
 
 
 def prepare_data(args: argparse.Namespace, preset: Preset, split_file: Path, acceleration: int) -> Data:
@@ -139,19 +168,22 @@ def prepare_data(args: argparse.Namespace, preset: Preset, split_file: Path, acc
         if not result.reused and _is_global_zero():
             print(f"built the demo dataset in {root} ({result.seconds:.0f} s). {NOTICE}", flush=True)
         is_demo = True
+    masks = mask_settings(args, preset)
     try:
         datasets = build_datasets(root, split_file, crop=preset.crop, accelerations=acceleration,
-                                  num_slices=preset.num_slices)
+                                  num_slices=preset.num_slices, protocol=masks["protocol"],
+                                  mask_type=masks["mask_type"], center_fractions=masks["center_fraction"],
+                                  fixed_mask=masks["fixed_mask"], mask_file=split_file.parent)
     except DataError as err:
         if "larger than the image" in str(err):
             raise RecipeError(f"preset {preset.name!r} crops {preset.crop}x{preset.crop} but the data does not fit: "
                               f"{err}. Use a preset with a smaller crop (e.g. --preset demo).") from err
         raise RecipeError(str(err)) from err
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         raise RecipeError(str(err)) from err
     if args.limit_cases is not None:
-        datasets = {name: SplitDataset(name, data_folders(root), ds.files[: args.limit_cases], ds.transform,
-                                       preset.num_slices) for name, ds in datasets.items()}
+        datasets = {name: ds.with_transform(ds.transform, ds.files[: args.limit_cases])
+                    for name, ds in datasets.items()}
     for name in SPLITS:
         if len(datasets[name]) == 0:
             raise RecipeError(f"the {name} split under {root} has no slices (split file {split_file}); "
@@ -218,9 +250,15 @@ def train_and_evaluate(
     model = build_model(family, preset, kron_n, algebra)
     params, gflops = model_cost(model, preset.crop)
     loss = CompositeLoss(preset.alpha, preset.beta, preset.gamma)
+    protocol = get_protocol(preset.protocol)
     module = ReconModule(model, loss, lr=preset.lr, milestones=preset.milestones(max_steps),
-                         ema_decay=preset.ema_decay)
-    ds = data.datasets
+                         ema_decay=preset.ema_decay, protocol=protocol.name)
+    ds = dict(data.datasets)
+    patch = spec.train_patch if protocol.name == "paper" else None  # the official code's SwinMR patches
+    if patch is not None:
+        if getattr(model, "needs_kspace", False):
+            raise RecipeError(f"{name} uses k-space (data consistency) and cannot train on {patch}x{patch} patches")
+        ds["train"] = ds["train"].with_transform(ds["train"].transform.with_patch(min(patch, preset.crop)))
     datamodule = ReconDataModule(ds["train"], ds["val"], ds["test"], batch_size=preset.batch_size, seed=args.seed,
                                  num_workers=preset.num_workers, eval_batch_size=preset.eval_batch_size,
                                  phase_augment=preset.phase_augment)
@@ -246,11 +284,13 @@ def train_and_evaluate(
         "world_size": trainer.world_size, "data": "demo" if data.is_demo else str(data.root),
         "data_root": str(data.root.resolve()), "test_files": test.files,  # for recipes/evaluate.py
         "phase_augment": preset.phase_augment, "zero_filled_start": preset.zero_filled_start,
+        **mask_settings(args, preset), "train_patch": patch,
+        "metrics_over": "slices" if protocol.metric_scope == "slice" else "volumes",
     }
     result = write_results(out_dir, info, module.test_metrics, examples, zero_filled=zero_filled,
                            history=module.history)
     zf = result["zero_filled"]
-    print(f"{name} {acceleration}x: test SSIM {result['ssim_mean']:.4f} (zero-filled {zf['ssim_mean']:.4f}), "
+    print(f"{name} {acceleration}x ({protocol.name} protocol): test SSIM {result['ssim_mean']:.4f} (zero-filled {zf['ssim_mean']:.4f}), "
           f"PSNR {result['psnr_mean']:.2f} dB (zero-filled {zf['psnr_mean']:.2f}), {trainer.global_step} steps in "
           f"{result['train_seconds']:.0f} s -> {out_dir / 'metrics.json'}", flush=True)
     return result
@@ -267,7 +307,9 @@ def run_recipe(family: str, argv: Sequence[str] | None = None, description: str 
         variants = list(dict.fromkeys(args.kron_n))
         for n in variants:
             check_variant(family, preset, n, args.algebra)
-        out = Path(args.out or f"out/{family}-{preset.name}-{args.acceleration}x")
+        if args.acceleration is None:
+            args.acceleration = preset.accelerations[0]
+        out = Path(args.out or f"out/{family}-{preset.name}-{preset.protocol}-{args.acceleration}x")
         data = prepare_data(args, preset, out / "split.json", args.acceleration)
         zero_filled = zero_filled_metrics(data.datasets["test"], preset.eval_batch_size) if _is_global_zero() else None
         start = time.perf_counter()

@@ -4,8 +4,9 @@
     python recipes/data_efficiency.py --data-path /data/fastmri    # paper preset (GPU)
     python recipes/data_efficiency.py --family swinmr --fractions 0.25 1.0
 
-Every run trains for the same number of steps on a seeded subset of the training volumes (at least one volume)
-and is tested on the same validation and test volumes. Writes OUT/data_efficiency.md and .csv (final test
+Every run trains for the same number of steps on a seeded subset of the training data and is tested on the same
+validation and test volumes. The subset is drawn by volume under the fastmri protocol (at least one volume) and by
+slice under the paper protocol (at least one slice), as the official code's reduced training sets are. Writes OUT/data_efficiency.md and .csv (final test
 metrics), OUT/curves.png (validation loss and PSNR vs step) and the runs under OUT/runs/<fraction>/<model>/.
 """
 
@@ -30,22 +31,28 @@ from _common import (
     train_and_evaluate,
     variant_name,
 )
-from kronify.mri.data import SplitDataset, data_folders
+from kronify.mri.data import SliceSubset
 from kronify.mri.evaluate import zero_filled_metrics
 from kronify.mri.figures import curves_figure
 from kronify.mri.presets import FAMILIES
+from kronify.mri.protocol import get_protocol
 
-COLUMNS = ["Fraction", "Train volumes", "Model", "Params (M)", "SSIM (std)", "PSNR (std)", "NMSE",
+COLUMNS = ["Fraction", "Train volumes", "Train slices", "Model", "Params (M)", "SSIM (std)", "PSNR (std)", "NMSE",
            "Phase error rad", "Final val loss", "Final val PSNR", "Train time"]
 
 
-def subset(data: Data, fraction: float, seed: int, num_slices: int | None) -> Data:
-    """``data`` with a seeded subset of ``ceil(fraction × volumes)`` (>= 1) training volumes."""
+def subset(data: Data, fraction: float, seed: int, unit: str = "volume") -> Data:
+    """``data`` with a seeded subset of its training data: ``ceil(fraction × volumes)`` (>= 1) volumes when
+    ``unit`` is "volume", ``ceil(fraction × slices)`` (>= 1) slices when it is "slice"."""
     train = data.datasets["train"]
-    files = sorted(train.files)
-    count = max(1, math.ceil(fraction * len(files)))
-    chosen = sorted(files[i] for i in np.random.default_rng(seed).permutation(len(files))[:count])
-    part = SplitDataset("train", data_folders(data.root), chosen, train.transform, num_slices)
+    rng = np.random.default_rng(seed)
+    if unit == "slice":
+        count = max(1, math.ceil(fraction * len(train)))
+        part = SliceSubset(train, rng.permutation(len(train))[:count])
+    else:
+        files = sorted(train.files)
+        count = max(1, math.ceil(fraction * len(files)))
+        part = train.with_transform(train.transform, sorted(files[i] for i in rng.permutation(len(files))[:count]))
     return Data(data.root, {**data.datasets, "train": part}, data.is_demo)
 
 
@@ -66,14 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.kron_n < 2:
             raise RecipeError(f"--kron-n must be >= 2 for the Kronecker model, got {args.kron_n}")
         preset = resolve_preset(args)
+        protocol = get_protocol(preset.protocol)
+        if args.acceleration is None:
+            args.acceleration = preset.accelerations[0]
         spec = preset.model(args.family)
-        out = Path(args.out or f"out/data_efficiency-{args.family}-{preset.name}")
+        out = Path(args.out or f"out/data_efficiency-{args.family}-{preset.name}-{protocol.name}")
         data = prepare_data(args, preset, out / "split.json", args.acceleration)
         zf = zero_filled_metrics(data.datasets["test"], preset.eval_batch_size)
         rows, loss_curves, psnr_curves = [], {}, {}
         for fraction in sorted(set(args.fractions)):
-            part = subset(data, fraction, args.seed, preset.num_slices)
-            volumes = len(part.datasets["train"].files)
+            part = subset(data, fraction, args.seed, protocol.train_subset)
+            volumes, slices = len(part.datasets["train"].files), len(part.datasets["train"])
             for n in (0, args.kron_n):
                 name = variant_name(spec.zoo_name, n, "learned")
                 run_dir = out / "runs" / f"{fraction:g}" / name
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 loss_curves[label] = (steps, [h["val_loss"] for h in history])
                 psnr_curves[label] = (steps, [h["val_psnr"] for h in history])
                 last = history[-1] if history else {}
-                rows.append([f"{fraction:.0%}", str(volumes), name, f"{result['params'] / 1e6:.4f}",
+                rows.append([f"{fraction:.0%}", str(volumes), str(slices), name, f"{result['params'] / 1e6:.4f}",
                              f"{result['ssim_mean']:.3f} ({result['ssim_std']:.3f})",
                              f"{result['psnr_mean']:.2f} ({result['psnr_std']:.2f})", f"{result['nmse_mean']:.4f}",
                              f"{result['phase_error_mean']:.3f}", f"{last.get('val_loss', float('nan')):.4f}",
@@ -100,16 +110,18 @@ def main(argv: list[str] | None = None) -> int:
         styles = {label: ("--s" if label.startswith("Kronecker") else "-o") for label in loss_curves}
         curves_figure(out / "curves.png", {"validation loss": loss_curves, "validation PSNR (dB)": psnr_curves},
                       title=f"{spec.zoo_name} dense vs Kronecker (n={args.kron_n}) by training-set size, "
-                            f"{args.acceleration}x", styles=styles)
+                            f"{args.acceleration}x, {protocol.name} protocol", styles=styles)
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
         fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
         table = [fmt(COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows]
         zfs = zf.summary()
-        md = [f"# Data efficiency: {spec.zoo_name} dense vs Kronecker ({preset.name} preset, {args.acceleration}x)",
+        md = [f"# Data efficiency: {spec.zoo_name} dense vs Kronecker ({preset.name} preset, {protocol.name} "
+              f"protocol, {args.acceleration}x)",
               "", *table, "",
               f"Zero-filled test SSIM {zfs['ssim_mean']:.3f}, PSNR {zfs['psnr_mean']:.2f} dB. Every run: "
               f"{args.max_steps or preset.steps_for(args.family)} steps, batch {preset.batch_size}; same validation "
-              "and test volumes." + (" Demo data (brain, not knee)." if data.is_demo else ""),
+              f"and test volumes; training subsets drawn by {protocol.train_subset}; {protocol.title}."
+              + (" Demo data (brain, not knee)." if data.is_demo else ""),
               "", "![curves](curves.png)", ""]
         (out / "data_efficiency.md").write_text("\n".join(md) + "\n")
         with open(out / "data_efficiency.csv", "w", newline="") as f:

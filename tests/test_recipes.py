@@ -10,6 +10,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kronify.mri.evaluate import METRICS_KEYS
@@ -41,9 +42,12 @@ def tiny(demo_root, out, *extra):
             "--no-progress", *extra]
 
 
-def check_run(out: Path, model: str, kron_n: int, acceleration: int = 4) -> dict:
+def check_run(out: Path, model: str, kron_n: int, acceleration: int = 4, protocol: str = "fastmri") -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(METRICS_KEYS) <= set(metrics)
+    assert metrics["protocol"] == protocol
+    assert metrics["metrics_over"] == {"paper": "slices", "fastmri": "volumes"}[protocol]
+    assert metrics["fixed_mask"] == (protocol == "paper") and metrics["mask_type"] == "random"
     assert metrics["model"] == model and metrics["kron_n"] == kron_n and metrics["acceleration"] == acceleration
     assert metrics["steps"] == 2 and metrics["params"] > 0 and metrics["gflops"] > 0 and metrics["train_seconds"] > 0
     for key in ("ssim_mean", "ssim_std", "psnr_mean", "psnr_std", "nmse_mean", "phase_error_mean"):
@@ -94,19 +98,38 @@ def test_recipe_builds_the_demo_into_the_cache_once(tmp_path, capsys):
     assert metrics["data"] == "demo"
 
 
-def test_table1_tiny_writes_every_row(demo_root, tmp_path):
+@pytest.mark.parametrize("protocol", ["paper", "fastmri"])
+def test_table1_tiny_writes_every_row(demo_root, tmp_path, protocol):
     import table1
 
     out = tmp_path / "t1"
-    assert table1.main(["--tiny", "--data-path", str(demo_root), "--accelerations", "4", "--out", str(out),
-                        "--no-progress"]) == 0
+    assert table1.main(["--tiny", "--protocol", protocol, "--data-path", str(demo_root), "--accelerations", "4",
+                        "--out", str(out), "--no-progress"]) == 0
     md = (out / "table1.md").read_text()
     with open(out / "table1.csv") as f:
         rows = list(csv.DictReader(f))
     labels = [label for label, *_ in table1.ROWS]
-    assert [r["Model"] for r in rows] == labels and len(labels) == 10
+    assert [r["Model"] for r in rows] == labels and len(labels) == 12
+    assert all(r["Protocol"] == protocol for r in rows)
+    assert f"# Table 1 (tiny preset, {protocol} protocol)" in md and f"- Protocol `{protocol}`" in md
     for label in labels:
         assert f"| {label} " in md
+    # the paper's U-Net rows are the DDPM-style U-Net, fastMRI's U-Net has rows of its own
+    runs = {r.name for r in (out / "runs" / "4x").iterdir()}
+    assert {"unet_ddpm_tiny", "kron_unet_ddpm_tiny", "unet_demo", "kron_unet_demo"} <= runs
+    data = json.loads((out / "table1.json").read_text())
+    assert data["protocol"] == protocol and [r["model"] for r in data["rows"]] == labels
+    kron_unet = data["rows"][labels.index("Kronecker U-Net")]
+    assert kron_unet["zoo_model"] == "kron_unet_ddpm_tiny" and kron_unet["protocol"] == protocol
+    for r in data["rows"]:
+        for metric in ("ssim", "psnr", "nmse", "phase_error"):
+            assert isinstance(r[metric]["mean"], float) and isinstance(r[metric]["std"], float), (r["model"], metric)
+        assert r["display"]["SSIM (std)"] == f"{r['ssim']['mean']:.3f} ({r['ssim']['std']:.3f})"
+        metrics = out / "runs" / "4x" / (r["zoo_model"] or "") / "metrics.json"
+        if r["zoo_model"]:
+            assert json.loads(metrics.read_text())["protocol"] == protocol
+    assert kron_unet["paper"]["ssim"] == {"mean": 0.762, "std": 0.075}
+    assert bool(list(out.glob("mask_*.npy"))) == (protocol == "paper")  # the fixed mask is saved with the run
     zero = rows[0]
     assert zero["Params (M)"] == "-" and zero["Paper PSNR (std)"] == "22.75 (1.73)"
     assert all(r["Params (M)"] != "-" and r["Steps"] == "2" for r in rows[1:])
@@ -116,21 +139,63 @@ def test_table1_tiny_writes_every_row(demo_root, tmp_path):
         assert (out / png).stat().st_size > 1000
 
 
-def test_data_efficiency_tiny(demo_root, tmp_path):
+@pytest.mark.parametrize("protocol", ["fastmri", "paper"])
+def test_data_efficiency_tiny(demo_root, tmp_path, protocol):
     import data_efficiency
 
     out = tmp_path / "de"
-    assert data_efficiency.main(tiny(demo_root, out, "--fractions", "0.5", "1.0")) == 0
+    assert data_efficiency.main(tiny(demo_root, out, "--fractions", "0.25", "1.0", "--protocol", protocol)) == 0
     with open(out / "data_efficiency.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["Fraction"], r["Model"]) for r in rows] == [
-        ("50%", "unet_demo"), ("50%", "kron_unet_demo"), ("100%", "unet_demo"), ("100%", "kron_unet_demo")]
-    assert int(rows[0]["Train volumes"]) < int(rows[2]["Train volumes"])
+        ("25%", "unet_demo"), ("25%", "kron_unet_demo"), ("100%", "unet_demo"), ("100%", "kron_unet_demo")]
+    full_slices = int(rows[2]["Train slices"])
+    if protocol == "paper":  # subsets by slice: ceil(25% of the slices), drawn from any volume
+        assert int(rows[0]["Train slices"]) == math.ceil(0.25 * full_slices)
+    else:  # subsets by volume: whole volumes
+        volumes = int(rows[2]["Train volumes"])
+        assert int(rows[0]["Train volumes"]) == math.ceil(0.25 * volumes)
+        assert int(rows[0]["Train slices"]) == full_slices // volumes * int(rows[0]["Train volumes"])
+    assert f"{protocol} protocol" in (out / "data_efficiency.md").read_text()
     assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_recipe_under_the_paper_protocol_saves_its_fixed_mask(demo_root, tmp_path):
+    import _common
+
+    out = tmp_path / "paper"
+    assert _common.run_recipe("swinmr", tiny(demo_root, out, "--protocol", "paper", "--acceleration", "8")) == 0
+    metrics = check_run(out, "swinmr_demo", 0, acceleration=8, protocol="paper")
+    (mask_file,) = out.glob("mask_*.npy")
+    from fastmri.data.subsample import RandomMaskFunc
+
+    reference, _ = RandomMaskFunc([0.04], [8])((1, 32, 1), None, 0)  # the official code's mask, at the crop width
+    np.testing.assert_array_equal(np.load(mask_file), reference.reshape(-1).numpy())
+    assert metrics["center_fraction"] is None and metrics["train_patch"] is None  # tiny preset: whole slices
+
+
+def test_mask_flags_reach_the_data(demo_root, tmp_path):
+    import _common
+
+    out = tmp_path / "eq"
+    argv = tiny(demo_root, out, "--mask-type", "equispaced_fraction", "--center-fraction", "0.05",
+                "--acceleration", "16", "--fixed-mask")
+    assert _common.run_recipe("unet", argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["mask_type"], metrics["center_fraction"], metrics["acceleration"]) == ("equispaced_fraction", 0.05,
+                                                                                          16)
+    assert metrics["protocol"] == "fastmri" and metrics["fixed_mask"] is True
+    (mask_file,) = out.glob("mask_equispaced_fraction_16x_w40.npy")  # fastmri: the raw k-space width (40)
+    mask = np.load(mask_file)
+    assert mask.shape == (40,) and mask[19:21].all() and 40 / mask.sum() == pytest.approx(16, rel=0.3)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--acceleration", "6"], "invalid choice: 6"),
+    (["--protocol", "knee"], "invalid choice: 'knee'"),
+    (["--mask-type", "spiral"], "invalid choice: 'spiral'"),
+    (["--center-fraction", "1.5"], "--center-fraction must lie in (0, 1)"),
+    (["--center-fraction", "0.5", "--acceleration", "4"], "center fraction 0.5 for acceleration 4"),
     (["--algebra", "octonion"], "invalid choice: 'octonion'"),
     (["--preset", "huge"], "invalid choice: 'huge'"),
     (["--kron-n", "1"], "--kron-n must be 0 (dense) or >= 2"),

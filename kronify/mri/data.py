@@ -73,6 +73,7 @@ __all__ = [
     "MRISample",
     "MRITransform",
     "SingleCoilSliceDataset",
+    "SliceSubset",
     "SplitDataset",
     "VOLUME_MAX_KEY",
     "Volume",
@@ -614,6 +615,22 @@ class SplitDataset(torch.utils.data.ConcatDataset):
         folders = sorted({d.folder for d in self.datasets})
         return SplitDataset(self.split, folders, self.files if files is None else files, transform,
                             self.num_slices, self.skipped)
+
+
+class SliceSubset(torch.utils.data.Subset):
+    """Some slices of a :class:`SplitDataset` (the paper protocol draws training subsets by slice); keeps the
+    attributes the training code reads (``transform``, ``files``, ``raw_samples``, ``protocol``)."""
+
+    def __init__(self, dataset: SplitDataset, indices: Sequence[int]):
+        super().__init__(dataset, sorted(int(i) for i in indices))
+        records = dataset.raw_samples
+        self.raw_samples = [records[i] for i in self.indices]
+        self.files = sorted({Path(r.fname).name for r in self.raw_samples})
+        self.split, self.transform, self.skipped = dataset.split, dataset.transform, dataset.skipped
+
+    @property
+    def protocol(self) -> Protocol:
+        return self.transform.protocol
 
 
 def build_datasets(
