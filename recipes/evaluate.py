@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size = args.batch_size if args.batch_size is not None else preset.eval_batch_size
         result = evaluate_run(run, model, out, crop=preset.crop, protocol=args.protocol, data_root=args.data_path,
                               num_slices=preset.num_slices, save_reconstructions=args.save_reconstructions,
-                              batch_size=batch_size, device=device)
+                              batch_size=batch_size, num_workers=preset.num_workers, device=device)
     except (RunError, DataError, RecipeError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     zf = result["zero_filled"]

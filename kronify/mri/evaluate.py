@@ -261,6 +261,7 @@ def evaluate_run(
     acquisitions: Collection[str] | None = DEFAULT_ACQUISITIONS,
     save_reconstructions: bool = False,
     batch_size: int = 8,
+    num_workers: int = 0,
     device: str | torch.device = "cpu",
     info: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -305,12 +306,13 @@ def evaluate_run(
     device = torch.device(device)
     model = run.load_ema_weights(model).to(device)
 
-    metrics = MetricsAccumulator(lpips="auto", protocol=protocol)
+    metrics, zero_filled = (MetricsAccumulator(lpips="auto", protocol=protocol) for _ in range(2))
     writer = ReconstructionWriter(out_dir / RECONSTRUCTIONS) if save_reconstructions else None
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
         batch = _on_device(batch, device)
         output = reconstruct(model, batch).float()
-        metrics.update(output, batch.target, batch.fname, batch.slice_num, batch.max_value, scale=batch.scale)
+        for acc, image in ((metrics, output), (zero_filled, batch.input)):
+            acc.update(image, batch.target, batch.fname, batch.slice_num, batch.max_value, scale=batch.scale)
         if writer is not None:
             images = magnitude(output * batch.scale.view(-1, 1, 1, 1)).cpu().numpy()
             for fname, slice_num, image in zip(batch.fname, batch.slice_num.tolist(), images):
@@ -331,5 +333,4 @@ def evaluate_run(
         out_dir.mkdir(parents=True, exist_ok=True)
         np.save(out_dir / FIXED_MASK, dataset.transform.mask.numpy())
     examples = reconstruct_examples(model, dataset, example_indices(dataset))
-    zero_filled = zero_filled_metrics(dataset, batch_size)
     return write_results(out_dir, described, metrics, examples, zero_filled=zero_filled, history=None)
