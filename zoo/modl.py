@@ -32,12 +32,9 @@ from kronify.mri.complex import fft2c, ifft2c  # fastmri's centred orthonormal F
 # by 2). λ (its parameter `lam_raw`) is outside any layer and stays as it is; the denoiser stays one shared module.
 KRON_SETTINGS: dict = dict(n=2, exclude=None, overrides=None)
 
-__all__ = ["CartesianSingleCoil", "MoDL", "ResidualDenoiser", "conjugate_gradient", "dc_cg", "dc_closed_form",
-           "fft2c", "ifft2c", "inverse_softplus", "modl", "modl_demo"]
-
 
 def inverse_softplus(value: torch.Tensor) -> torch.Tensor:
-    """softplus⁻¹(value) = value + log(1 − e^(−value)) for value > 0: the raw parameter whose softplus is value."""
+    """softplus⁻¹(value) = value + log(1 − e^(−value)), value > 0: the raw parameter whose softplus is value."""
     return value + torch.log(-torch.expm1(-value))
 
 
