@@ -31,8 +31,7 @@ from kronify.mri.trained_run import RunError, TrainedRun
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, metavar="RUN_DIR", help="a recipe's output folder")
     parser.add_argument("--data-path", default=None, metavar="ROOT",
                         help="fastMRI-format folder to evaluate on, all of its files (default: the run's test split)")
@@ -47,11 +46,25 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     return parser, parser.parse_args(argv)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``--device``: auto = the first GPU when there is one, else the CPU; a GPU that is not there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise RecipeError(f"--device {name!r} is not a device: {err}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"--device {name!r}: no GPU is available here; use --device cpu")
+    return device
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser, args = parse_args(argv)
     try:
         if args.batch_size is not None and args.batch_size < 1:
             raise RecipeError(f"--batch-size must be >= 1, got {args.batch_size}")
+        device = resolve_device(args.device)
         run = TrainedRun.open(args.run)
         info = run.info
         try:
@@ -64,7 +77,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = run.path / (f"eval-{tag}" + (f"-{args.protocol}" if args.protocol else ""))
         else:
             out = Path(args.out)
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         batch_size = args.batch_size if args.batch_size is not None else preset.eval_batch_size
         result = evaluate_run(run, model, out, crop=preset.crop, protocol=args.protocol, data_root=args.data_path,
                               num_slices=preset.num_slices, save_reconstructions=args.save_reconstructions,

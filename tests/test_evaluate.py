@@ -213,6 +213,7 @@ def _empty_folder(trained_run: Path, tmp_path: Path) -> list[str]:
      "nowhere' does not exist"),
     (lambda run, tmp: ["--run", str(run), "--out", str(run)], "holds a training run"),
     (lambda run, tmp: ["--run", str(run), "--batch-size", "0"], "--batch-size must be >= 1"),
+    (lambda run, tmp: ["--run", str(run), "--device", "abacus"], "--device 'abacus' is not a device"),
 ])
 def test_bad_input_gives_exit_code_2_and_touches_nothing(trained_run, tmp_path, capsys, make_argv, message):
     argv = make_argv(trained_run, tmp_path)
