@@ -6,8 +6,9 @@ the thread's CPU time, which stays meaningful when other processes load the mach
 process, so machine-load drift hits both equally; each reported ratio is median(Kron) / median(dense).
 
 Measured per shape:
-- train step: forward + backward + Adam step (KronConv2d vs nn.Conv2d, KronLinear vs nn.Linear);
-- merged inference: `layer.to_dense()` vs the dense layer, eval mode under no_grad;
+- train step: forward + backward + Adam step (a converted nn.Conv2d / nn.Linear, its weight a KronParametrization,
+  vs the dense layer);
+- merged inference: the layer after `kronify.merge` vs the dense layer, eval mode under no_grad;
 - weight build (forward + backward of W): `kron_weight` vs a naive baseline written from the published
   formula W = Σ_i A_i ⊗ F_i (broadcast outer product of every term, then a sum over terms), and its two
   implementations on their own (the composite and the autograd.Function; `kron_weight` takes the Function
@@ -18,6 +19,7 @@ Targets (issue 2): median train-step ratio ≤ 1.05 over the shapes, none above 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -29,7 +31,8 @@ from torch import Tensor, nn
 from benchmarks._common import (
     RESULTS, best_ratio, interleaved, load_average, machine, median_ms, ratio, write_results,
 )
-from kronify import KronConv2d, KronLinear, kron_weight
+import kronify
+from kronify import kron_weight
 from kronify.kron import _kron_weight_composite, _KronWeight
 
 CLOCK = time.perf_counter  # wall clock; --cpu-time switches to the calling thread's CPU time
@@ -86,7 +89,10 @@ def bench_shape(kind: str, channels: int, size: int, batch: int, n: int, repeats
     else:  # token-wise linear on the same feature map, (B, H·W, C)
         dense = nn.Linear(channels, channels)
         x = torch.randn(batch, size * size, channels)
-    kron = (KronConv2d if kind == "conv2d" else KronLinear).from_dense(dense, n=n)
+    kron = copy.deepcopy(dense)
+    kronify.convert(nn.Sequential(kron), n=n)
+    factors = kron.parametrizations.weight
+    A0, F0 = factors.original0, factors.original1.view(n, -1, factors.original1.shape[1], *factors.original1.shape[2:])
     grad = torch.randn_like(dense(x))
 
     steps = {"dense": train_step_fn(dense, x, grad), "kron": train_step_fn(kron, x, grad)}
@@ -99,14 +105,14 @@ def bench_shape(kind: str, channels: int, size: int, batch: int, n: int, repeats
     infer = interleaved(
         {
             "dense": inference_fn(dense, x),
-            "merged": inference_fn(kron.to_dense(), x),
+            "merged": inference_fn(kronify.merge(nn.Sequential(copy.deepcopy(kron)))[0], x),
             "kron_eval": inference_fn(kron, x),
         },
         reps,
         clock=CLOCK,
     )
-    A = kron.A.detach().clone().requires_grad_()
-    F = kron.F.detach().clone().requires_grad_()
+    A = A0.detach().clone().requires_grad_()
+    F = F0.detach().clone().requires_grad_()
     builds = {"kron_weight": build_fn(kron_weight, A, F), "naive": build_fn(naive_kron_weight, A, F),
               "composite": build_fn(_kron_weight_composite, A, F), "function": build_fn(_KronWeight.apply, A, F)}
     build = interleaved(builds, repeats, clock=CLOCK)
@@ -116,7 +122,7 @@ def bench_shape(kind: str, channels: int, size: int, batch: int, n: int, repeats
         "size": size,
         "batch": batch,
         "n": n,
-        "terms": kron.terms,
+        "terms": factors[0].terms,
         "repeats": reps,
         "params_dense": sum(p.numel() for p in dense.parameters()),
         "params_kron": sum(p.numel() for p in kron.parameters()),

@@ -51,7 +51,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import kronify  # noqa: E402
-from kronify.convert import is_kron  # noqa: E402
+from kronify.parametrization import kron_parametrizations  # noqa: E402
 import zoo  # noqa: E402
 from benchmarks._common import (  # noqa: E402
     RESULTS, best_ratio, interleaved, load_average, machine, median_ms, ratio, write_results,
@@ -201,7 +201,9 @@ def state_case(name: str) -> dict:
     torch.manual_seed(0)
     dense = zoo.create(name)
     kron, _ = zoo.create_kron(name)
-    in_kron = {id(p) for m in kron.modules() if is_kron(m) for p in m.parameters(recurse=False)}
+    in_kron = {id(t) for _, owner, _, _ in kron_parametrizations(kron) for t in owner.parameters(recurse=False)}
+    in_kron |= {id(t) for _, owner, _, _ in kron_parametrizations(kron)
+                for t in owner.parametrizations.parameters()}
     outside = sum(p.numel() for p in kron.parameters() if id(p) not in in_kron)
     bytes_ = {"dense": state_bytes(dense), "kron": state_bytes(kron)}
     share = outside / sum(p.numel() for p in dense.parameters())
