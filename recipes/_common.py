@@ -104,8 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, variants: bool = True) -> 
     hw.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp, ddp_spawn")
     hw.add_argument("--precision", choices=PRECISIONS, default=None,
                     help="auto = bf16/16-mixed on GPUs, 32-true on CPU (preset default)")
-    parser.add_argument("--out", default=None, help="output folder (default: a folder under out/ named after the recipe or model, the preset "
-                        "and, for single-model recipes, the acceleration)")
+    parser.add_argument("--out", default=None, help="output folder (default: a folder under out/ named after the recipe "
+                        "or model, the preset, the protocol when it is not the preset's, and, for single-model "
+                        "recipes, the acceleration)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -136,6 +137,12 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     return get_preset(name, batch_size=args.batch_size, lr=args.lr, gamma=args.gamma, val_every=args.val_every,
                       ckpt_every=args.ckpt_every, num_workers=args.num_workers, precision=args.precision,
                       protocol=getattr(args, "protocol", None))
+
+
+def default_out(stem: str, preset: Preset, suffix: str = "") -> Path:
+    """``out/<stem>-<preset>[-<protocol>]<suffix>``: the protocol is named when it is not the preset's own."""
+    protocol = "" if preset.protocol == PRESETS[preset.name].protocol else f"-{preset.protocol}"
+    return Path(f"out/{stem}-{preset.name}{protocol}{suffix}")
 
 
 def mask_settings(args: argparse.Namespace, preset: Preset) -> dict[str, Any]:
@@ -309,7 +316,7 @@ def run_recipe(family: str, argv: Sequence[str] | None = None, description: str 
             check_variant(family, preset, n, args.algebra)
         if args.acceleration is None:
             args.acceleration = preset.accelerations[0]
-        out = Path(args.out or f"out/{family}-{preset.name}-{preset.protocol}-{args.acceleration}x")
+        out = Path(args.out) if args.out else default_out(family, preset, f"-{args.acceleration}x")
         data = prepare_data(args, preset, out / "split.json", args.acceleration)
         zero_filled = zero_filled_metrics(data.datasets["test"], preset.eval_batch_size) if _is_global_zero() else None
         start = time.perf_counter()

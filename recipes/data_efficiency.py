@@ -26,6 +26,7 @@ from _common import (
     Data,
     RecipeError,
     add_arguments,
+    default_out,
     prepare_data,
     resolve_preset,
     train_and_evaluate,
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.acceleration is None:
             args.acceleration = preset.accelerations[0]
         spec = preset.model(args.family)
-        out = Path(args.out or f"out/data_efficiency-{args.family}-{preset.name}-{protocol.name}")
+        out = Path(args.out) if args.out else default_out(f"data_efficiency-{args.family}", preset)
         data = prepare_data(args, preset, out / "split.json", args.acceleration)
         zf = zero_filled_metrics(data.datasets["test"], preset.eval_batch_size)
         rows, loss_curves, psnr_curves = [], {}, {}

@@ -28,7 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from _common import RecipeError, add_arguments, prepare_data, resolve_preset, train_and_evaluate, variant_name
+from _common import (
+    RecipeError,
+    add_arguments,
+    default_out,
+    prepare_data,
+    resolve_preset,
+    train_and_evaluate,
+    variant_name,
+)
 from kronify.mri.evaluate import (
     example_indices,
     machine_description,
@@ -152,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preset = resolve_preset(args)
         protocol = get_protocol(preset.protocol)
-        out = Path(args.out or f"out/table1-{preset.name}-{protocol.name}")
+        out = Path(args.out) if args.out else default_out("table1", preset)
         accelerations = args.accelerations or list(preset.accelerations)
         lines, csv_rows, json_rows, notes = [], [], [], []
         for acc in accelerations:
