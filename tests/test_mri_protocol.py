@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from kronify.mri.complex import magnitude
-from kronify.mri.data import DataError, build_datasets
+from kronify.mri.data import DataError, SliceSubset, build_datasets
 from kronify.mri.masks import draw_fixed_mask
 from kronify.mri.metrics import MetricsAccumulator
 from kronify.mri.protocol import PROTOCOLS, get_protocol
@@ -155,6 +155,9 @@ def test_paper_patches_are_windows_of_the_whole_slice(paper) -> None:
     assert torch.equal(whole.target[:, r : r + 16, c : c + 16], part.target)
     assert len({tuple(patched[2].input.flatten()[:8].tolist()) for _ in range(6)}) > 1  # new position per draw
     assert ds["test"].transform.patch is None
+    some = SliceSubset(train, [2, 0]).with_transform(train.transform.with_patch(16))  # a by-slice training subset
+    assert len(some) == 2 and some[1].input.shape == (2, 16, 16) and some.files == sorted({r.fname.name for r in
+                                                                                            some.raw_samples})
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -239,3 +242,20 @@ def test_get_protocol_names_the_choices() -> None:
     assert sorted(PROTOCOLS) == ["fastmri", "paper"] and get_protocol(PROTOCOLS["paper"]) is PROTOCOLS["paper"]
     with pytest.raises(ValueError, match="unknown protocol 'knee'.*fastmri.*paper"):
         get_protocol("knee")
+
+
+def test_files_without_the_pd_acquisition_attribute_are_not_selected(demo_root: Path, tmp_path: Path) -> None:
+    from kronify.mri.data import scan_volumes
+
+    root = Path(shutil.copytree(demo_root, tmp_path / "demo"))
+    files = sorted(root.glob("singlecoil_*/*.h5"))
+    with h5py.File(files[0], "r+") as hf:
+        del hf.attrs["acquisition"]
+    selected = {v.name for v in scan_volumes(root).volumes}
+    assert files[0].name not in selected and selected
+    for path in files[1:]:
+        with h5py.File(path, "r+") as hf:
+            del hf.attrs["acquisition"]
+    for protocol in PROTOCOLS:
+        with pytest.raises(DataError, match="empty selection.*CORPD_FBK"):
+            build_datasets(root, tmp_path / f"{protocol}.json", crop=CROP, protocol=protocol)

@@ -632,6 +632,10 @@ class SliceSubset(torch.utils.data.Subset):
     def protocol(self) -> Protocol:
         return self.transform.protocol
 
+    def with_transform(self, transform: MRITransform) -> SliceSubset:
+        """The same slices read through another transform (e.g. with training patches)."""
+        return SliceSubset(self.dataset.with_transform(transform), self.indices)
+
 
 def build_datasets(
     root: str | os.PathLike,
