@@ -130,6 +130,7 @@ def test_reproduces_the_runs_own_test_scores(trained_run, evaluated):
 
 
 def test_scores_the_ema_weights(evaluated, exported):
+    """The EMA copy's output (gain 1) is scored, not the live weights' (gain ~0, the zero-filled input)."""
     ema = json.loads((exported / "metrics.json").read_text())
     assert ema["zero_filled"] == json.loads((evaluated / "metrics.json").read_text())["zero_filled"]
     assert abs(ema["psnr_mean"] - ema["zero_filled"]["psnr_mean"]) > 0.5
@@ -138,7 +139,7 @@ def test_scores_the_ema_weights(evaluated, exported):
 def test_exported_reconstructions_are_scored_the_same_by_fastmri(demo_root, trained_run, exported, tmp_path):
     """One h5 per volume with `reconstruction` (slices x H x W float32 magnitudes); fastmri.evaluate's functions,
     on the files' own `reconstruction_esc` targets, give our per-volume scores, and its folder evaluation
-    (Metrics over target/prediction folders) gives their means."""
+    (Metrics over target/prediction folders) gives their means, our fastmri-protocol summary."""
     test_files = json.loads((trained_run / "metrics.json").read_text())["test_files"]
     recon_dir = exported / "reconstructions"
     assert sorted(p.name for p in recon_dir.glob("*.h5")) == sorted(test_files)
@@ -161,8 +162,11 @@ def test_exported_reconstructions_are_scored_the_same_by_fastmri(demo_root, trai
         assert float(fastmri_eval.nmse(gt, recon)) == pytest.approx(float(row["nmse"]), rel=1e-4)
     args = Namespace(target_path=targets, predictions_path=recon_dir, acquisition=None, acceleration=None)
     means = fastmri_eval.evaluate(args, "reconstruction_esc").means()
+    summary = json.loads((exported / "metrics.json").read_text())
+    assert summary["protocol"] == "fastmri" and summary["metrics_over"] == "volumes"
     for ours, theirs in (("ssim", "SSIM"), ("psnr", "PSNR"), ("nmse", "NMSE")):
         assert means[theirs] == pytest.approx(np.mean([float(r[ours]) for r in volumes.values()]), rel=1e-4)
+        assert means[theirs] == pytest.approx(summary[f"{ours}_mean"], rel=1e-4)
 
 
 def test_evaluates_every_volume_of_any_folder(demo_root, trained_run, evaluated):
