@@ -301,3 +301,17 @@ def test_torch_compile_aot_eager():
     y.sum().backward()
     A, F, _ = factors(model[0])
     assert F.grad is not None and A.grad is not None
+
+
+def test_swinmr_qkv_cold_start_keeps_trunc_normal_002():
+    """The SwinMR defect: qkv weights (trunc_normal, std 0.02) started at std 0.117 as Kronecker layers."""
+    zoo = pytest.importorskip("zoo")
+    torch.manual_seed(0)
+    dense = zoo.create("swinmr_demo")
+    torch.manual_seed(0)
+    kron, _ = zoo.create_kron("swinmr_demo")
+    name = next(n for n, _ in dense.named_modules() if n.endswith("attn.qkv"))
+    before, after = dense.get_submodule(name).weight, kron.get_submodule(name).weight
+    assert is_kron(kron.get_submodule(name))
+    assert float(after.std()) == pytest.approx(float(before.std()), rel=1e-4)
+    assert float(after.std()) == pytest.approx(0.02, rel=0.15)
