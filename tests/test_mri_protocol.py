@@ -259,3 +259,16 @@ def test_files_without_the_pd_acquisition_attribute_are_not_selected(demo_root: 
     for protocol in PROTOCOLS:
         with pytest.raises(DataError, match="empty selection.*CORPD_FBK"):
             build_datasets(root, tmp_path / f"{protocol}.json", crop=CROP, protocol=protocol)
+
+
+def test_paper_preset_follows_the_official_training_options() -> None:
+    """options/{HyperUnet,SwinHyperIR}/train_*.json: batch 8, Adam 2e-4, EMA 0.999, MultiStepLR x0.5 at
+    50k/70k/90k/100k/110k, SwinMR on 192x192 patches (H_size), U-Net on 320 (whole slices), 8x masks."""
+    from kronify.mri.presets import get_preset
+
+    paper = get_preset("paper")
+    assert (paper.batch_size, paper.lr, paper.ema_decay, paper.crop) == (8, 2e-4, 0.999, 320)
+    assert paper.milestones(paper.max_steps) == [50_000, 70_000, 90_000, 100_000, 110_000]
+    assert paper.model("swinmr").train_patch == 192 and paper.model("unet_ddpm").train_patch is None
+    assert paper.model("unet_ddpm").zoo_name == "unet_ddpm" and paper.accelerations == (8, 4)
+    assert paper.protocol == "paper" and get_preset("demo").protocol == get_preset("tiny").protocol == "fastmri"
