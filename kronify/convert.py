@@ -28,7 +28,8 @@ from torch.nn.utils import parametrize
 from kronify.algebra import resolve_algebra
 from kronify.analysis import Analysis, analyse
 from kronify.config import KronConfig
-from kronify.parametrization import KronParametrization, is_kron, own_kron_parametrizations, route_parameter_assignment
+from kronify.parametrization import (KronParametrization, build_once_per_call, is_kron, own_kron_parametrizations,
+                                     route_parameter_assignment)
 from kronify.patterns import Selector
 from kronify.report import ConversionReport, LayerRow, count_params, own_param_count
 
@@ -268,6 +269,9 @@ def apply_plans(plans: list[_Plan], warm_start: bool) -> _Undo:
         plan.row.status = "converted"
         plan.row.params_after = own_param_count(plan.candidate.module) if plan.candidate else 0
         plan.row.warm_start_error = _combined_error(ps, dense) if warm_start else None
+    for plan in plans:  # only once nothing can fail any more
+        if isinstance(plan.targets[0].owner, nn.MultiheadAttention):
+            build_once_per_call(plan.targets[0].owner)
     return undo
 
 

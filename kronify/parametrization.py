@@ -181,6 +181,27 @@ def route_parameter_assignment(module: nn.Module) -> None:
         type(module).__setattr__ = _assign
 
 
+def _enter_cached(module: nn.Module, args) -> None:
+    if not torch.compiler.is_compiling():
+        parametrize._cache_enabled += 1
+
+
+def _exit_cached(module: nn.Module, args, output) -> None:
+    if not torch.compiler.is_compiling():
+        parametrize._cache_enabled -= 1
+        if not parametrize._cache_enabled:
+            parametrize._cache.clear()
+
+
+def build_once_per_call(module: nn.Module) -> None:
+    """Hooks that run `module`'s forward inside torch's `parametrize.cached()`: nn.MultiheadAttention's forward
+    reads in_proj_weight three times, and each read would build W again (the exit hook also runs on errors)."""
+    if not getattr(module, "_kron_build_once", False):
+        module.register_forward_pre_hook(_enter_cached)
+        module.register_forward_hook(_exit_cached, always_call=True)
+        module._kron_build_once = True
+
+
 def kron_parametrizations(model: nn.Module):
     """Yield (owner module name, owner, tensor name, KronParametrization) for every Kronecker tensor
     below `model` (an owner may be a ParametrizationList: a Kronecker original under another parametrization)."""

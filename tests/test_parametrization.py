@@ -315,3 +315,18 @@ def test_swinmr_qkv_cold_start_keeps_trunc_normal_002():
     assert is_kron(kron.get_submodule(name))
     assert float(after.std()) == pytest.approx(float(before.std()), rel=1e-4)
     assert float(after.std()) == pytest.approx(0.02, rel=0.15)
+
+
+def test_attention_builds_its_packed_weight_once_per_call(monkeypatch):
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    kronify.convert(nn.Sequential(mha))
+    calls = []
+    build = kronify.KronParametrization.build
+    monkeypatch.setattr(kronify.KronParametrization, "build", lambda self, A, F: calls.append(self.chunks) or build(self, A, F))
+    x = torch.randn(2, 5, 8)
+    mha(x, x, x)[0].sum().backward()  # torch's forward reads in_proj_weight 3 times
+    assert sorted(calls) == [1, 3]  # in_proj (3 chunks) once, out_proj once
+    with pytest.raises(AssertionError):  # an error inside forward still ends the per-call cache
+        mha(x, x[:, :, :3], x)
+    from torch.nn.utils import parametrize
+    assert parametrize._cache_enabled == 0 and not parametrize._cache
