@@ -366,6 +366,12 @@ def _scaled_channels_first(z: Tensor, factor: Tensor) -> Tensor:
     return torch.mul(torch.view_as_real(z).movedim(-1, 0), factor, out=out)
 
 
+def _check_patch(patch: int | None) -> int | None:
+    if patch is not None and (isinstance(patch, bool) or not isinstance(patch, int) or patch < 1):
+        raise ValueError(f"patch must be a positive int or None, got {patch!r}")
+    return patch
+
+
 def crop_space_mask(mask: Tensor, crop_width: int) -> Tensor:
     """A raw-width column mask (centred, W entries) carried onto the ``crop_width`` columns of the crop's
     k-space: each crop column takes the value of the raw column nearest to its frequency."""
@@ -407,9 +413,7 @@ class MRITransform:
         if self.mask is not None and self.protocol.mask_over == "crop" and self.mask.numel() != self.crop[1]:
             raise ValueError(f"the {self.protocol.name} protocol masks the crop's {self.crop[1]} columns, "
                              f"but the fixed mask has {self.mask.numel()}")
-        if patch is not None and not (isinstance(patch, int) and 0 < patch):
-            raise ValueError(f"patch must be a positive int or None, got {patch!r}")
-        self.patch = patch
+        self.patch = _check_patch(patch)
         self._patch_rng = np.random.default_rng(0)
         self._seeded_pid: int | None = None
 
@@ -422,9 +426,7 @@ class MRITransform:
         """A copy of this transform that trains on random ``patch`` x ``patch`` windows (None: whole slices)."""
         other = copy.copy(self)
         other.mask_func = copy.deepcopy(self.mask_func)
-        if patch is not None and not (isinstance(patch, int) and 0 < patch):
-            raise ValueError(f"patch must be a positive int or None, got {patch!r}")
-        other.patch = patch
+        other.patch = _check_patch(patch)
         other._patch_rng = np.random.default_rng(0)
         other._seeded_pid = None
         return other
@@ -471,20 +473,19 @@ class MRITransform:
         if self.crop[0] > height or self.crop[1] > width:
             raise DataError(f"crop {self.crop} is larger than the image {height}x{width} of {fname}")
         raw = torch.from_numpy(kspace)
-        # the fastMRI chain complex_center_crop(ifft2c(kspace)) -> fft2c -> apply_mask -> ifft2c, computed without
-        # shifted copies or transforms of discarded rows (equal to it up to float rounding; see the tests)
+        # computed without shifted copies or transforms of rows that the crop discards; equal up to float rounding
+        # to fastmri's ifft2c / complex_center_crop / fft2c / apply_mask chain of each protocol (see the tests)
         target = self.target_image(raw)
-        if self.protocol.mask_over == "crop":
+        if self.protocol.mask_over == "crop":  # paper: mask the crop's own k-space
             col_mask = self._column_mask(self.crop[1], fname)
             masked_k, zero_filled = fft2c_masked(target, col_mask)
-        else:
+        else:  # fastmri: mask the raw k-space, then crop its inverse FFT
             raw_mask = self._column_mask(width, fname)
             zero_filled = ifft2c_crop(raw * raw_mask, self.crop)
             col_mask = crop_space_mask(raw_mask, self.crop[1])
             masked_k = torch.view_as_complex(fastmri.fft2c(torch.view_as_real(zero_filled))) * col_mask
         target_max = target.abs().max()
-        ref = target_max if self.protocol.normalise_by == "target" else zero_filled.abs().max()
-        scale = ref
+        scale = target_max if self.protocol.normalise_by == "target" else zero_filled.abs().max()
         if not (math.isfinite(s := float(scale)) and s > 0):  # an all-zero slice: leave it unscaled
             scale = torch.ones((), dtype=scale.dtype)
         max_value = float(attrs.get(VOLUME_MAX_KEY, target_max)) if self.needs_volume_max else float(target_max)
