@@ -73,7 +73,7 @@ def stages(dataset, repeats: int) -> dict[str, dict]:
     from fastmri.data import transforms as T
 
     from kronify.mri.complex import fft2c_masked, ifft2c_crop
-    from kronify.mri.data import _scaled_channels_first
+    from kronify.mri.transform import _scaled_channels_first
 
     sub = dataset.datasets[0]
     transform = sub.transform

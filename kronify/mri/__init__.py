@@ -5,6 +5,7 @@ import the submodules you need, e.g. ``from kronify.mri.data import build_datase
 
 - :mod:`kronify.mri.complex`  channel-first (2, H, W) <-> fastmri (..., H, W, 2) and small complex helpers
 - :mod:`kronify.mri.data`     datasets on top of ``fastmri.data.SliceDataset``, the volume split, the transform
-- :mod:`kronify.mri.masks`    fastMRI's own undersampling mask functions, by acceleration
+- :mod:`kronify.mri.masks`    fastMRI's own undersampling mask functions, by acceleration; the paper's fixed masks
+- :mod:`kronify.mri.protocol` the two named protocols, ``paper`` (official HyperKron code) and ``fastmri``
 - :mod:`kronify.mri.demo`     ``python -m kronify.mri.demo --out DIR``: fastMRI-format demo files (MNI152 brain)
 """
