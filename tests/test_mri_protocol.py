@@ -272,3 +272,22 @@ def test_paper_preset_follows_the_official_training_options() -> None:
     assert paper.model("swinmr").train_patch == 192 and paper.model("unet_ddpm").train_patch is None
     assert paper.model("unet_ddpm").zoo_name == "unet_ddpm" and paper.accelerations == (8, 4)
     assert paper.protocol == "paper" and get_preset("demo").protocol == get_preset("tiny").protocol == "fastmri"
+
+
+@settings(max_examples=40, deadline=None)
+@given(width=st.integers(8, 400), crop=st.integers(4, 400), seed=st.integers(0, 2**16))
+def test_crop_space_mask_keeps_the_sampled_frequencies(width: int, crop: int, seed: int) -> None:
+    """Each crop column of the fastmri protocol's k-space mask is the raw column nearest in frequency."""
+    from kronify.mri.transform import crop_space_mask
+
+    crop = min(crop, width)
+    raw = torch.from_numpy(draw_fixed_mask(width, 4, seed=seed))
+    mapped = crop_space_mask(raw, crop)
+    assert mapped.shape == (crop,)
+    raw_freq = np.fft.fftshift(np.fft.fftfreq(width))  # fastmri's centred column order
+    crop_freq = np.fft.fftshift(np.fft.fftfreq(crop))
+    for j, f in enumerate(crop_freq):
+        nearest = np.flatnonzero(np.isclose(np.abs(raw_freq - f), np.abs(raw_freq - f).min(), atol=1e-12))
+        assert float(mapped[j]) in {float(raw[i]) for i in nearest}
+    if crop == width:
+        assert torch.equal(mapped, raw)
