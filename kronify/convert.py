@@ -171,7 +171,8 @@ def _validate(settings: dict, where: str) -> int:
         raise ValueError(f"{where}: {e}") from None
 
 
-def _plan(model: nn.Module, config: KronConfig, selector: Selector, example_inputs: Any) -> tuple[list[_Plan], Analysis]:
+def _plan(model: nn.Module, config: KronConfig, selector: Selector,
+          example_inputs: Any) -> tuple[list[_Plan], Analysis]:
     candidates = find_candidates(model)
     owners = _param_owners(model)
     ids = {id(c.module) for c in candidates}
@@ -182,9 +183,10 @@ def _plan(model: nn.Module, config: KronConfig, selector: Selector, example_inpu
         m = c.module
         names = weight_names(m)
         w = getattr(m, names[0][0])
-        row = LayerRow(name=c.name, kind=parametrize.type_before_parametrizations(m).__name__, shape=tuple(w.shape) if w is not None else (),
-                       n=None, terms=None, params_before=own_param_count(m), params_after=own_param_count(m),
-                       status="skipped")
+        shape = () if w is None or isinstance(w, nn.parameter.UninitializedParameter) else tuple(w.shape)
+        kind = parametrize.type_before_parametrizations(m).__name__
+        row = LayerRow(name=c.name, kind=kind, shape=shape, n=None, terms=None, params_before=own_param_count(m),
+                       params_after=own_param_count(m), status="skipped")
         plan = _Plan(c, row)
         plans.append(plan)
         done = own_kron_parametrizations(m)

@@ -16,6 +16,8 @@ import math
 import torch
 from torch import Tensor
 
+from kronify.algebra import LEARNED, resolve_algebra
+
 __all__ = ["kron_weight", "nearest_kronecker", "project_kronecker", "check_kron_dims"]
 
 # A term whose singular value is below this fraction of the largest one counts as "empty":
@@ -154,11 +156,6 @@ def check_kron_dims(rows: int, cols: int, n: int, what: str = "W") -> None:
         )
 
 
-def _check_terms(terms: int, n: int) -> None:
-    if isinstance(terms, bool) or not isinstance(terms, int) or not 1 <= terms <= n * n:
-        raise ValueError(f"terms must be an integer in 1..n²={n * n} for n={n}, got terms={terms!r}")
-
-
 def _rearrange(W: Tensor, n: int) -> Tensor:
     """Van Loan–Pitsianis rearrangement in float64: R[(a,b), (i,j,k)] = W[a·p+i, b·q+j, k]."""
     p, q = W.shape[0] // n, W.shape[1] // n
@@ -188,7 +185,7 @@ def nearest_kronecker(W: Tensor, n: int, terms: int) -> tuple[Tensor, Tensor, fl
     if W.dim() < 2:
         raise ValueError(f"W must have at least 2 dims (out, in, *kernel), got shape {tuple(W.shape)}")
     check_kron_dims(W.shape[0], W.shape[1], n, "nearest_kronecker: W")
-    _check_terms(terms, n)
+    resolve_algebra(LEARNED, n, terms)  # validates terms in 1..n²
     R = _rearrange(W, n)
     U = torch.linalg.eigh(R @ R.T).eigenvectors.flip(1)  # (n², n²) orthonormal, by decreasing σ
     P = U.T @ R  # row t = σ_t·v_tᵀ

@@ -37,9 +37,13 @@ class LayerRow:
     warm_start_error: float | None = None
 
 
+def _numel(p: nn.Parameter) -> int:
+    return 0 if isinstance(p, nn.parameter.UninitializedParameter) else p.numel()  # lazy: no size yet
+
+
 def count_params(module: nn.Module) -> int:
-    """Number of distinct parameter elements (shared parameters counted once)."""
-    return sum(p.numel() for p in module.parameters())
+    """Number of distinct parameter elements (shared parameters counted once; lazy ones as 0)."""
+    return sum(_numel(p) for p in module.parameters())
 
 
 def own_param_count(module: nn.Module) -> int:
@@ -47,7 +51,7 @@ def own_param_count(module: nn.Module) -> int:
     params = {id(p): p for p in module.parameters(recurse=False)}
     if "parametrizations" in module._modules:
         params.update((id(p), p) for p in module._modules["parametrizations"].parameters())
-    return sum(p.numel() for p in params.values())
+    return sum(_numel(p) for p in params.values())
 
 
 def _fmt_int(x: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -11,10 +12,12 @@ import pytest
 
 from kronify.cli import main
 
-pytest.importorskip("torchvision")
-pytest.importorskip("timm")
+needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
+                                       reason="torchvision is not installed")
+needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed")
 
 
+@needs_torchvision
 def test_report_torchvision_with_flops(capsys):
     assert main(["report", "torchvision:resnet18", "--n", "2", "--input-size", "3", "32", "32"]) == 0
     out = capsys.readouterr().out
@@ -22,6 +25,7 @@ def test_report_torchvision_with_flops(capsys):
     assert "total: 11,689,512 ->" in out and "FLOPs (input 1x3x32x32" in out
 
 
+@needs_timm
 def test_report_json_timm_with_terms_and_warm_start(capsys):
     assert main(["report", "timm:convnext_atto", "--n", "4", "--terms", "1", "--warm-start", "--json",
                  "--input-size", "3", "32", "32"]) == 0
@@ -45,12 +49,14 @@ def test_report_factory_spec(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["report", "timm:no_such_model_xyz"], "unknown timm model 'no_such_model_xyz'"),
-        (["report", "torchvision:no_such_model"], "unknown torchvision model 'no_such_model'"),
+        pytest.param(["report", "timm:no_such_model_xyz"], "unknown timm model 'no_such_model_xyz'", marks=needs_timm),
+        pytest.param(["report", "torchvision:no_such_model"], "unknown torchvision model 'no_such_model'",
+                     marks=needs_torchvision),
         (["report", "resnet18"], "MODEL must be timm:NAME, torchvision:NAME or package.module:factory"),
         (["report", "no_such_pkg_xyz.mod:make"], "cannot import 'no_such_pkg_xyz.mod'"),
         (["report", "torch.nn:NoSuchFactory"], "'torch.nn' has no callable 'NoSuchFactory'"),
-        (["report", "torchvision:resnet18", "--n", "1"], "n must be an integer >= 2"),
+        pytest.param(["report", "torchvision:resnet18", "--n", "1"], "n must be an integer >= 2",
+                     marks=needs_torchvision),
     ],
 )
 def test_bad_model_or_options_exit_2(argv, message, capsys):

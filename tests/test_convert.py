@@ -497,3 +497,9 @@ def test_param_totals_equal_the_per_layer_formula(spec):
     assert rep.params_after == before - sum(r.params_before - r.params_after for r in rep.rows)
     assert rep.params_after == sum(p.numel() for p in model.parameters())
     assert model(torch.randn(2, cin, 4, 4)).isfinite().all()
+
+
+def test_lazy_layers_are_skipped_with_a_reason():
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 4))
+    rep = kronify.convert(model)
+    assert rep.skipped == {"0": "uninitialized lazy module"} and rep.converted == ["2"]

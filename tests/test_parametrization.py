@@ -322,7 +322,8 @@ def test_attention_builds_its_packed_weight_once_per_call(monkeypatch):
     kronify.convert(nn.Sequential(mha))
     calls = []
     build = kronify.KronParametrization.build
-    monkeypatch.setattr(kronify.KronParametrization, "build", lambda self, A, F: calls.append(self.chunks) or build(self, A, F))
+    monkeypatch.setattr(kronify.KronParametrization, "build",
+                        lambda self, A, F: calls.append(self.chunks) or build(self, A, F))
     x = torch.randn(2, 5, 8)
     mha(x, x, x)[0].sum().backward()  # torch's forward reads in_proj_weight 3 times
     assert sorted(calls) == [1, 3]  # in_proj (3 chunks) once, out_proj once
@@ -330,3 +331,25 @@ def test_attention_builds_its_packed_weight_once_per_call(monkeypatch):
         mha(x, x[:, :, :3], x)
     from torch.nn.utils import parametrize
     assert parametrize._cache_enabled == 0 and not parametrize._cache
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_builds_in_float32_and_keeps_the_eval_cache(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 8)).cuda()
+    kronify.convert(model)
+    x = torch.randn(2, 4, 6, 6, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        assert model[0].weight.dtype == torch.float32
+        y = model(x)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    _, F, p = factors(model[0])
+    assert F.grad.dtype == torch.float32 and torch.isfinite(F.grad).all()
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        w = model[0].weight
+        assert model[0].weight is w
+        torch.testing.assert_close(model(x).float(), kronify.merge(copy.deepcopy(model))(x).float(), rtol=2e-2,
+                                   atol=2e-2)
