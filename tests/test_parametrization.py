@@ -353,3 +353,18 @@ def test_cuda_autocast_builds_in_float32_and_keeps_the_eval_cache(dtype):
         assert model[0].weight is w
         torch.testing.assert_close(model(x).float(), kronify.merge(copy.deepcopy(model))(x).float(), rtol=2e-2,
                                    atol=2e-2)
+
+
+def test_compiled_attention_matches_and_trains():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, dropout=0.0)
+    kronify.convert(nn.Sequential(layer))
+    x = torch.randn(2, 5, 8)
+    compiled = torch.compile(layer, backend="aot_eager")
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x))
+    y.sum().backward()
+    A, F, _ = factors(layer.self_attn, "in_proj_weight")
+    assert F.grad is not None and torch.isfinite(F.grad).all()
+    from torch.nn.utils import parametrize
+    assert parametrize._cache_enabled == 0 and not parametrize._cache
