@@ -238,7 +238,7 @@ def parametrize_weight(target: _Target, settings: dict, warm_start: bool) -> Kro
     p = KronParametrization(target.shape, settings["n"], settings["terms"], settings["algebra"], target.chunks)
     p.to(device=t.device, dtype=t.dtype)
     w = t.detach().double()
-    std = float(w.std()) if w.numel() > 1 else float(w.abs().sum())
+    std = 0.0 if w.is_meta else float(w.std()) if w.numel() > 1 else float(w.abs().sum())
     p.param_order = list(target.owner._parameters)
     parametrize.register_parametrization(target.owner, target.tensor, p, unsafe=True)
     route_parameter_assignment(target.owner)
@@ -249,7 +249,7 @@ def parametrize_weight(target: _Target, settings: dict, warm_start: bool) -> Kro
 
 
 def _combined_error(ps: list[KronParametrization], weights: list[Tensor]) -> float | None:
-    if any(p.fit_error is None for p in ps):
+    if any(p.fit_error is None for p in ps) or any(w.is_meta for w in weights):
         return None
     sq = [float(w.detach().double().pow(2).sum()) for w in weights]
     return math.sqrt(sum(p.fit_error ** 2 * s for p, s in zip(ps, sq)) / sum(sq)) if sum(sq) > 0 else 0.0

@@ -103,6 +103,9 @@ class KronParametrization(nn.Module):
         """The factors of the nearest Kronecker sum to W (exact at terms = n²); sets `fit_error`."""
         if tuple(W.shape) != self.shape:
             raise ValueError(f"expected a weight of shape {self.shape}, got {tuple(W.shape)}")
+        if W.is_meta:  # shapes only (a model built on the meta device): no values to fit
+            F = W.new_empty(self.terms * self.shape[0] // self.n, self.shape[1] // self.n, *self.shape[2:])
+            return (W.new_empty(self.chunks * self.terms, self.n, self.n), F) if self.learned else F
         As, Fs, sq, err2 = [], [], [], []
         for w in W.detach().chunk(self.chunks):
             if self.learned:
@@ -122,6 +125,8 @@ class KronParametrization(nn.Module):
     def cold_start(self, factors: list[Tensor], std: float) -> None:
         """Fresh factors (in place) whose W has standard deviation `std`: each (a, b) fibre of A has unit
         norm (random for "learned", the algebra's pattern otherwise) and F is uniform, rescaled to `std`."""
+        if factors[-1].is_meta:
+            return
         with torch.no_grad():
             F = factors[-1]
             if self.learned:

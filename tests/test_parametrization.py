@@ -368,3 +368,14 @@ def test_compiled_attention_matches_and_trains():
     assert F.grad is not None and torch.isfinite(F.grad).all()
     from torch.nn.utils import parametrize
     assert parametrize._cache_enabled == 0 and not parametrize._cache
+
+
+def test_conversion_on_the_meta_device_gives_factor_shapes_only():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, device="meta"), nn.Flatten(), nn.MultiheadAttention(8, 2, device="meta"))
+    rep = kronify.convert(model, warm_start=True)
+    assert rep.converted == ["0", "2", "2.out_proj"] and rep.rows[0].warm_start_error is None
+    A, F, _ = factors(model[0])
+    assert F.is_meta and F.shape == (2 * 4, 2, 3, 3) and A.shape == (2, 2, 2)
+    assert model[0].weight.shape == (8, 4, 3, 3)
+    model.to_empty(device="cpu")
+    assert model[0](torch.randn(1, 4, 5, 5)).shape == (1, 8, 3, 3)
