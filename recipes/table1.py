@@ -5,6 +5,7 @@ SwinMR, Kronecker SwinMR, MoDL and Kronecker MoDL, trained and tested on the sam
     python recipes/table1.py --preset demo                  # `make demo`: demo data, 2 CPU cores, 4x, fastmri protocol
     python recipes/table1.py --data-path /data/fastmri      # the paper preset and protocol at 8x and 4x (GPU)
     python recipes/table1.py --tiny --protocol paper --out /tmp/t1   # every row in seconds (tests)
+    python recipes/table1.py --preset demo --models unet_ddpm,swinmr,modl --seeds 3   # the seeds study
 
 ``--protocol paper|fastmri`` (default: the preset's) is named in every table, row, figure title and JSON file.
 
@@ -13,6 +14,13 @@ published values in side columns),
 OUT/comparison_<acc>x.png (reconstructions and error maps of every model on the same test slices),
 OUT/curves_<acc>x.png (validation PSNR vs step, dense vs Kronecker) and every run under OUT/runs/<acc>x/<model>/.
 With --resume finished rows are reused and unfinished ones continue from their last checkpoint.
+
+``--seeds N`` trains every row with seeds --seed .. --seed + N - 1 (kronify.mri.seeds; with N > 1 seed s trains
+into runs/<acc>x/<model>/seed<s>/): rows then report mean ± std over the seeds. Every Kronecker row is compared
+with its dense row over the test volumes (Kronecker minus dense, each volume averaged over seeds): mean
+difference, 95 % t and bootstrap CIs and a Wilcoxon p-value (kronify.mri.statistics), in a section of table1.md,
+extra columns of table1.csv and each row's ``paired`` entry in table1.json. ``--models unet_ddpm,swinmr,modl``
+runs only those families' rows.
 """
 
 from __future__ import annotations
@@ -47,6 +55,16 @@ from kronify.mri.evaluate import (
 from kronify.mri.figures import comparison_figure, curves_figure
 from kronify.mri.metrics import METRICS, MetricsAccumulator
 from kronify.mri.protocol import get_protocol
+from kronify.mri.seeds import (
+    RowOverSeeds,
+    compare_rows,
+    comparison_dicts,
+    row_over_seeds,
+    seed_list,
+    seed_run_dir,
+    train_seeds,
+)
+from kronify.mri.statistics import PairedComparison, SeedSummary
 
 # (label, family, kron_n, algebra); family None is zero-filling.
 ROWS: list[tuple[str, str | None, int, str]] = [
@@ -79,6 +97,8 @@ PAPER: dict[str, dict[str, Any]] = {
                             lpips=(0.274, 0.006)),
 }
 
+SEED_COLUMNS = ("SSIM (std)", "PSNR (std)", "LPIPS (std)", "Phase error rad (std)")
+
 SHORT = {"Efficient U-Net": "Eff. U-Net", "U-Net (fastMRI)": "U-Net (fM)", "Kronecker U-Net (fastMRI)": "Kron U-Net (fM)",
          "Kronecker U-Net (fastMRI, complex algebra)": "Kron U-Net (fM, cplx)"}
 
@@ -93,6 +113,11 @@ def _ms(mean: float | None, std: float | None, digits: int) -> str:
     return f"{mean:.{digits}f} ({std:.{digits}f})" if std is not None else f"{mean:.{digits}f}"
 
 
+def _pm(summary: SeedSummary | None, digits: int) -> str:
+    """mean ± std over seeds (n/a when the metric is missing)."""
+    return "n/a" if summary is None else f"{summary.mean:.{digits}f} ± {summary.std:.{digits}f}"
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -101,17 +126,45 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def table_row(label: str, protocol: str, acc: int, m: dict[str, Any]) -> list[str]:
-    """One table row from a metrics.json dict (zero-filled: no params, FLOPs or time)."""
+def select_rows(models: str | None) -> list[tuple[str, str | None, int, str]]:
+    """Zero-filling plus every row of the comma-separated model families in ``models`` (None: every row)."""
+    if models is None:
+        return list(ROWS)
+    families = [f.strip() for f in models.split(",") if f.strip()]
+    known = sorted({family for _, family, *_ in ROWS if family})
+    unknown = [f for f in families if f not in known]
+    if unknown or not families:
+        raise RecipeError(f"--models takes model families separated by commas, from {known}; got {models!r}")
+    return [row for row in ROWS if row[1] is None or row[1] in families]
+
+
+def dense_row_of(label: str, rows: list[tuple[str, str | None, int, str]]) -> str | None:
+    """The dense row a Kronecker row is compared with (same family, kron_n 0), if it is in ``rows``."""
+    family, kron_n = next((f, n) for lab, f, n, _ in rows if lab == label)
+    if not kron_n:
+        return None
+    return next((lab for lab, f, n, _ in rows if f == family and n == 0), None)
+
+
+def table_row(label: str, protocol: str, acc: int, m: dict[str, Any], over: RowOverSeeds | None = None) -> list[str]:
+    """One table row from a metrics.json dict (zero-filled: no params, FLOPs or time); with ``over`` (several
+    seeds) the metrics are mean ± std over the seeds and the train time is the mean per seed."""
     p = PAPER.get(label, {})
     params = m.get("params")
+    if over is not None and len(over.seeds) > 1:
+        s = over.summaries
+        metrics = [_pm(s.get("ssim"), 3), _pm(s.get("psnr"), 2), _pm(s.get("lpips"), 3), _pm(s.get("phase_error"), 3)]
+        seconds = float(np.mean([r["train_seconds"] for r in over.runs]))
+    else:
+        metrics = [_ms(m["ssim_mean"], m["ssim_std"], 3), _ms(m["psnr_mean"], m["psnr_std"], 2),
+                   _ms(m.get("lpips_mean"), m.get("lpips_std"), 3),
+                   _ms(m["phase_error_mean"], m.get("phase_error_std"), 3)]
+        seconds = m.get("train_seconds")
     return [
         label, protocol, f"{acc}x",
         f"{params / 1e6:.4f}" if params is not None else "-",
         f"{m['gflops']:.4f}" if m.get("gflops") is not None else "-",
-        _ms(m["ssim_mean"], m["ssim_std"], 3), _ms(m["psnr_mean"], m["psnr_std"], 2),
-        _ms(m.get("lpips_mean"), m.get("lpips_std"), 3), _ms(m["phase_error_mean"], m.get("phase_error_std"), 3),
-        _duration(m.get("train_seconds")), str(m.get("steps") or "-"),
+        *metrics, _duration(seconds), str(m.get("steps") or "-"),
         f"{p['params']:.3f}" if p.get("params") else "-", f"{p['gflops']:.3f}" if p.get("gflops") else "-",
         _ms(*p["ssim"], 3) if p else "-", _ms(*p["psnr"], 2) if p else "-", _ms(*p["lpips"], 3) if p else "-",
     ]
@@ -121,21 +174,78 @@ def _zero_filled_result(acc: MetricsAccumulator) -> dict[str, Any]:
     return {**acc.summary(), "params": None, "gflops": None, "train_seconds": None, "steps": None}
 
 
-def json_row(label: str, protocol: str, acc: int, m: dict[str, Any], display: dict[str, str]) -> dict[str, Any]:
+def json_row(label: str, protocol: str, acc: int, m: dict[str, Any], display: dict[str, str],
+             over: RowOverSeeds | None = None, dense: str | None = None,
+             paired: dict[str, PairedComparison] | None = None) -> dict[str, Any]:
     """One table1.json row: the numbers as numbers (mean and std as floats, None when n/a) beside the display
-    strings of the markdown/CSV table."""
+    strings of the markdown/CSV table. With several seeds ``mean``/``std`` are over the seeds (``std_over``
+    says which); ``seeds`` has each seed's means; a Kronecker row has its paired comparison with ``dense_row``."""
     p = PAPER.get(label)
+    several = over is not None and len(over.seeds) > 1
+    if several:
+        numbers = {metric: {"mean": over.summaries[metric].mean, "std": over.summaries[metric].std}
+                   if metric in over.summaries else {"mean": None, "std": None} for metric in METRICS}
+    else:
+        numbers = {metric: {"mean": m.get(f"{metric}_mean"), "std": m.get(f"{metric}_std")} for metric in METRICS}
     return {
         "model": label, "protocol": protocol, "acceleration": acc, "zoo_model": m.get("model"),
         "metrics_over": m.get("metrics_over"), "n_slices": m.get("n_slices"), "n_volumes": m.get("n_volumes"),
         "params": m.get("params"), "gflops": m.get("gflops"),
-        **{metric: {"mean": m.get(f"{metric}_mean"), "std": m.get(f"{metric}_std")} for metric in METRICS},
+        "std_over": "seeds" if several else m.get("metrics_over") or "volumes", **numbers,
         "train_seconds": m.get("train_seconds"), "steps": m.get("steps"),
+        "seeds": None if over is None else over.as_dict(),
+        "dense_row": dense, "paired": None if paired is None else comparison_dicts(paired),
         "paper": None if p is None else {
             "params_m": p["params"], "gflops": p["gflops"],
             **{k: {"mean": p[k][0], "std": p[k][1]} for k in ("ssim", "psnr", "lpips")}},
         "display": display,
     }
+
+
+def paired_cells(paired: dict[str, PairedComparison] | None) -> dict[str, str]:
+    """The paired comparison's CSV cells (empty for rows without one)."""
+    cells = {}
+    for metric, digits in (("psnr", 2), ("ssim", 3)):
+        c = (paired or {}).get(metric)
+        name = metric.upper()
+        ci = lambda interval: "" if interval is None else f"{interval[0]:+.{digits}f} to {interval[1]:+.{digits}f}"  # noqa: E731
+        cells.update({f"{name} diff vs dense": "" if c is None else f"{c.mean_difference:+.{digits}f}",
+                      f"{name} diff 95% t-CI": "" if c is None else ci(c.t_ci),
+                      f"{name} diff 95% bootstrap CI": "" if c is None else ci(c.bootstrap_ci),
+                      f"{name} Wilcoxon p": "" if c is None else f"{c.wilcoxon_p:.3g}",
+                      f"{name} distinguishable": "" if c is None else ("yes" if c.distinguishable else "no")})
+    return cells
+
+
+PAIRED_COLUMNS = list(paired_cells(None))
+
+
+def paired_table(labels: list[str], dense_of: dict[str, str], paired: dict[str, dict[str, PairedComparison]],
+                 n_seeds: int, acc: int) -> list[str]:
+    """The markdown section with every Kronecker row's paired comparison with its dense row."""
+    if not paired:
+        return []
+    lines = [f"## Kronecker minus dense, paired over the test volumes ({acc}x, {n_seeds} seed"
+             f"{'s' if n_seeds > 1 else ''})", "",
+             "| Kronecker row | Dense row | Volumes | PSNR diff (dB) | 95 % t-CI | 95 % bootstrap CI | Wilcoxon p | "
+             "SSIM diff | 95 % t-CI | Wilcoxon p | PSNR difference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label in labels:
+        if label not in paired:
+            continue
+        p, s = paired[label]["psnr"], paired[label]["ssim"]
+        ci = lambda interval, d: "-" if interval is None else f"{interval[0]:+.{d}f} to {interval[1]:+.{d}f}"  # noqa: E731
+        lines.append(f"| {label} | {dense_of[label]} | {p.n} | {p.mean_difference:+.2f} | {ci(p.t_ci, 2)} | "
+                     f"{ci(p.bootstrap_ci, 2)} | {p.wilcoxon_p:.3g} | {s.mean_difference:+.3f} | {ci(s.t_ci, 3)} | "
+                     f"{s.wilcoxon_p:.3g} | {p.verdict} |")
+    notes = sorted({n for comparisons in paired.values() for n in comparisons["psnr"].notes})
+    lines += ["", "Differences are Kronecker minus dense on the same test volumes (positive favours Kronecker); "
+              + ("each volume's metric is first averaged over the seeds, then the volumes are paired. "
+                 if n_seeds > 1 else "one seed per row. ")
+              + "t-CI: Student t on the per-volume differences; bootstrap: percentile, 9,999 resamples; Wilcoxon: "
+              "two-sided signed-rank (scipy.stats). A difference is called distinguishable from zero only when the "
+              "t-CI excludes 0 and Wilcoxon p < 0.05.", *(f"- {n}" for n in notes), ""]
+    return lines
 
 
 def _magnitude(x: np.ndarray) -> np.ndarray:
@@ -149,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny preset, 2 steps per model (tests)")
     parser.add_argument("--accelerations", type=int, nargs="+", choices=(4, 8, 16), default=None,
                         help="accelerations to run (default: the preset's: paper 8x and 4x, demo 4x only)")
+    parser.add_argument("--seeds", type=int, default=1, metavar="N",
+                        help="train every row with N seeds (--seed, --seed + 1, ...): rows report mean ± std over "
+                             "seeds, runs go to runs/<acc>x/<model>/seed<s>/ when N > 1")
+    parser.add_argument("--models", default=None, metavar="FAMILY[,FAMILY...]",
+                        help="run only the rows of these model families (zero-filling always), e.g. "
+                             "unet_ddpm,swinmr,modl for the paper's U-Net, SwinMR and MoDL, dense and Kronecker")
     parser.set_defaults(acceleration=None)  # the shared single-run flag; table1 takes --accelerations
     args = parser.parse_args(argv)
     if args.acceleration is not None:
@@ -158,66 +274,86 @@ def main(argv: list[str] | None = None) -> int:
         args.max_steps = args.max_steps or 2
     start = time.perf_counter()
     try:
+        if args.seeds < 1:
+            raise RecipeError(f"--seeds must be >= 1, got {args.seeds}")
+        rows = select_rows(args.models)
+        seeds = seed_list(args.seed, args.seeds)
         preset = resolve_preset(args)
         protocol = get_protocol(preset.protocol)
         out = Path(args.out) if args.out else default_out("table1", preset)
         accelerations = args.accelerations or list(preset.accelerations)
-        lines, csv_rows, json_rows, notes = [], [], [], []
+        lines, csv_rows, json_rows, notes, sections = [], [], [], [], []
         reconciliation = reconciliation_note(preset)  # before training: a failure here costs no training time
         for acc in accelerations:
             data = prepare_data(args, preset, out / "split.json", acc)
             test = data.datasets["test"]
             zf_acc = zero_filled_metrics(test, preset.eval_batch_size)
             results: dict[str, dict[str, Any]] = {"Zero-filled": _zero_filled_result(zf_acc)}
+            over: dict[str, RowOverSeeds] = {}
             indices = example_indices(test, 2)
             zf_examples = reconstruct_examples(None, test, indices)
             panels = [{"target": _magnitude(e["target"]), "zero-filled": _magnitude(e["zero_filled"])}
                       for e in zf_examples]
             histories: dict[str, dict[str, tuple[list, list]]] = {}
-            for label, family, kron_n, algebra in ROWS[1:]:
+            for label, family, kron_n, algebra in rows[1:]:
                 spec = preset.model(family)
-                run_dir = out / "runs" / f"{acc}x" / variant_name(spec.zoo_name, kron_n, algebra)
-                metrics_file = run_dir / "metrics.json"
-                if args.resume and metrics_file.is_file():
-                    result = json.loads(metrics_file.read_text())
-                    print(f"{label} {acc}x: reusing {metrics_file}", flush=True)
-                else:
-                    result = train_and_evaluate(args, preset, data, family, kron_n, algebra, acc, run_dir,
-                                                zero_filled=zf_acc)
-                if not result:  # a non-zero rank in DDP: rank 0 writes the table
+                row_dir = out / "runs" / f"{acc}x" / variant_name(spec.zoo_name, kron_n, algebra)
+
+                def train(seed: int, run_dir: Path, family=family, kron_n=kron_n, algebra=algebra):
+                    return train_and_evaluate(argparse.Namespace(**{**vars(args), "seed": seed}), preset, data,
+                                              family, kron_n, algebra, acc, run_dir, zero_filled=zf_acc)
+
+                if args.resume:
+                    for seed in seeds:
+                        if (seed_run_dir(row_dir, seed, len(seeds)) / "metrics.json").is_file():
+                            print(f"{label} {acc}x seed {seed}: reusing its finished run", flush=True)
+                run_dirs = train_seeds(train, row_dir, seeds, reuse=args.resume)
+                if run_dirs is None:  # a non-zero rank in DDP: rank 0 writes the table
                     continue
-                results[label] = result
-                ex = np.load(run_dir / "examples.npz")
+                over[label] = row_over_seeds(run_dirs, seeds)
+                results[label] = over[label].first
+                ex = np.load(run_dirs[0] / "examples.npz")
                 for panel, output in zip(panels, ex["output"]):
                     panel[SHORT.get(label, label.replace("Kronecker", "Kron"))] = _magnitude(output)
-                history = json.loads((run_dir / "history.json").read_text())
+                history = json.loads((run_dirs[0] / "history.json").read_text())
                 histories.setdefault(family, {})[label] = ([h["step"] for h in history],
                                                            [h["val_psnr"] for h in history])
-            if not results.get("U-Net"):
+            if len(results) < len(rows):  # a non-zero rank in DDP
                 continue
-            for label, *_ in ROWS:
-                row = table_row(label, protocol.name, acc, results[label])
+            labels = [label for label, *_ in rows]
+            dense_of = {label: dense for label in labels if (dense := dense_row_of(label, rows))}
+            paired = {label: compare_rows(over[label], over[dense]) for label, dense in dense_of.items()}
+            for label in labels:
+                row = table_row(label, protocol.name, acc, results[label], over.get(label))
                 lines.append(row)
-                csv_rows.append(dict(zip(COLUMNS, row)))
-                json_rows.append(json_row(label, protocol.name, acc, results[label], csv_rows[-1]))
+                csv_rows.append({**dict(zip(COLUMNS, row)),
+                                 "Seeds": len(seeds) if label in over else "",
+                                 "Std over": "seeds" if label in over and len(seeds) > 1 else
+                                 results[label].get("metrics_over") or "volumes",
+                                 **paired_cells(paired.get(label))})
+                json_rows.append(json_row(label, protocol.name, acc, results[label], dict(zip(COLUMNS, row)),
+                                          over.get(label), dense_of.get(label), paired.get(label)))
+            sections += paired_table(labels, dense_of, paired, len(seeds), acc)
             comparison_figure(out / f"comparison_{acc}x.png", panels,
                               row_titles=[f"{e['fname']} #{e['slice_num']}" for e in zf_examples],
                               title=f"Test slices at {acc}x, {protocol.name} protocol: reconstructions (top) and "
-                                    "|error| (bottom)")
+                                    "|error| (bottom)" + (f", seed {seeds[0]}" if len(seeds) > 1 else ""))
             val_zf = zero_filled_metrics(data.datasets["val"], preset.eval_batch_size).summary()["psnr_mean"]
             pairs = {fam: h for fam, h in histories.items() if len(h) > 1}  # families with a Kronecker row
-            curves_figure(out / f"curves_{acc}x.png",
-                          {f"{fam}: validation PSNR (dB)": h for fam, h in pairs.items()},
-                          title=f"Validation PSNR (EMA weights) vs step at {acc}x, {protocol.name} protocol, "
-                                "dense vs Kronecker",
-                          styles={lab: ("--s" if "Kronecker" in lab else "-o") for h in pairs.values() for lab in h},
-                          references={f"{fam}: validation PSNR (dB)": {"zero-filled": val_zf} for fam in pairs})
-            notes.append(results["U-Net"].get("lpips_message"))
+            if pairs:
+                curves_figure(out / f"curves_{acc}x.png",
+                              {f"{fam}: validation PSNR (dB)": h for fam, h in pairs.items()},
+                              title=f"Validation PSNR (EMA weights) vs step at {acc}x, {protocol.name} protocol, "
+                                    "dense vs Kronecker" + (f", seed {seeds[0]}" if len(seeds) > 1 else ""),
+                              styles={lab: ("--s" if "Kronecker" in lab else "-o") for h in pairs.values()
+                                      for lab in h},
+                              references={f"{fam}: validation PSNR (dB)": {"zero-filled": val_zf} for fam in pairs})
+            notes.append(next((results[label].get("lpips_message") for label in labels[1:]), None))
         if not lines:
             return 0
         wall = time.perf_counter() - start
         write_table(out, preset, lines, csv_rows, json_rows, accelerations, notes, data.is_demo, wall, argv,
-                    reconciliation)
+                    reconciliation, seeds=seeds, sections=sections)
     except RecipeError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     return 0
@@ -253,14 +389,25 @@ def protocol_note(protocol) -> str:
 
 def write_table(out: Path, preset, lines: list[list[str]], csv_rows: list[dict], json_rows: list[dict],
                 accelerations: list[int], notes: list, is_demo: bool, wall: float, argv: list[str] | None,
-                reconciliation: list[str] = ()) -> None:
-    """table1.md (with the command, machine and caveats), table1.csv, table1.json, and the table on stdout."""
+                reconciliation: list[str] = (), *, seeds: list[int] = (0,), sections: list[str] = ()) -> None:
+    """table1.md (with the command, machine, caveats and the paired comparisons in ``sections``), table1.csv,
+    table1.json, and the table on stdout."""
     protocol = get_protocol(preset.protocol)
     command = "python recipes/table1.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                else sys.argv[1:]))
-    widths = [max(len(c), *(len(r[i]) for r in lines)) for i, c in enumerate(COLUMNS)]
+    header = COLUMNS if len(seeds) == 1 else [c.replace("(std)", "(± std over seeds)") if c in SEED_COLUMNS else c
+                                              for c in COLUMNS]
+    widths = [max(len(c), *(len(r[i]) for r in lines)) for i, c in enumerate(header)]
     fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    table = [fmt(COLUMNS), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in lines]
+    table = [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in lines]
+    seeds_note = (f"- Seeds: every learned row trained with {len(seeds)} seeds ({', '.join(map(str, seeds))}: model "
+                  "init, data order, training masks; the same split and test masks); SSIM/PSNR/LPIPS/phase error "
+                  "are mean ± sample std over the seeds of each run's test mean; train time is the mean per seed; "
+                  "zero-filling does not depend on the seed (its std is over the test "
+                  f"{'slices' if protocol.metric_scope == 'slice' else 'volumes'}). The comparison figure and the "
+                  f"curves show seed {seeds[0]}." if len(seeds) > 1 else
+                  f"- Seeds: one ({seeds[0]}); `--seeds N` trains every row with N seeds and reports mean ± std "
+                  "over them.")
     caveats = [
         protocol_note(protocol),
         f"- Preset `{preset.name}`: {preset.description}. Crop {preset.crop}x{preset.crop}, global batch "
@@ -271,6 +418,7 @@ def write_table(out: Path, preset, lines: list[list[str]], csv_rows: list[dict],
            "and every model wrapped so it starts from the zero-filled image (one extra scalar parameter, "
            "kronify.mri.training.ZeroFilledStart). The paper preset uses neither."]
           if preset.phase_augment or preset.zero_filled_start else []),
+        seeds_note,
         f"- Accelerations run: {', '.join(f'{a}x' for a in accelerations)}"
         + (" (the demo preset runs 4x only to fit its time budget)." if preset.name == "demo" else "."),
         f"- FLOPs: one 2x{preset.crop}x{preset.crop} slice (torch.utils.flop_counter, 2*MAC, Kronecker models "
@@ -299,17 +447,17 @@ def write_table(out: Path, preset, lines: list[list[str]], csv_rows: list[dict],
         caveats.append(f"- LPIPS n/a: {lp}")
     md = [f"# Table 1 ({preset.name} preset, {protocol.name} protocol)", "", f"Command: `{command}`", "",
           f"Machine: {machine_description()}", "", f"Wall time: {wall / 60:.1f} min (including data preparation)", "",
-          *table, "", *caveats, "",
+          *table, "", *caveats, "", *sections,
           *(f"![comparison {a}x](comparison_{a}x.png)\n\n![curves {a}x](curves_{a}x.png)\n" for a in accelerations),
           *reconciliation]
     out.mkdir(parents=True, exist_ok=True)
     (out / "table1.md").write_text("\n".join(md) + "\n")
     with open(out / "table1.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "Seeds", "Std over", *PAIRED_COLUMNS])
         writer.writeheader()
         writer.writerows(csv_rows)
     write_json(out / "table1.json", {"command": command, "machine": machine_description(), "wall_seconds": wall,
-                                     "preset": preset.name, "protocol": protocol.name,
+                                     "preset": preset.name, "protocol": protocol.name, "seeds": list(seeds),
                                      "accelerations": accelerations, "rows": json_rows})
     print("\n".join(table))
     print(f"\n{protocol.name} protocol; wrote {out / 'table1.md'}, table1.csv and table1.json ({wall / 60:.1f} min)")

@@ -1,4 +1,5 @@
-"""Matplotlib figures for the recipes: one reconstruction, a cross-model comparison, training curves.
+"""Matplotlib figures for the recipes: one reconstruction, a cross-model comparison, training curves, and
+means with error bars (e.g. test PSNR vs training-set size over seeds).
 
 Images are magnitudes in the data's units, shown on one grey scale per slice (0 .. the target's max);
 error maps are |output − target| on a shared scale (a fraction of the target's max, printed on the figure) so
@@ -16,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["comparison_figure", "curves_figure", "reconstruction_figure"]
+__all__ = ["comparison_figure", "curves_figure", "errorbar_figure", "reconstruction_figure"]
 
 ERROR_FRACTION = 0.25  # error maps span 0 .. 25% of the target's max
 
@@ -119,6 +120,52 @@ def curves_figure(
                 ax.plot(xs, ys, styles.get(label, "-o"), label=label, markersize=3)
         for label, y in references.get(ylabel, {}).items():
             ax.axhline(y, color="grey", linestyle=":", label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def errorbar_figure(
+    path: str | os.PathLike,
+    panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float | None]]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    styles: Mapping[str, str] | None = None,
+    references: Mapping[str, Mapping[str, float]] | None = None,
+    xticks: Sequence[float] | None = None,
+    xscale: str = "linear",
+) -> None:
+    """One panel per entry of ``panels`` (its key is the panel's title), one line per ``label -> (x, mean, std)``
+    with ±std error bars (a ``None`` std draws the point without a bar).
+
+    ``styles`` optionally maps a label to a matplotlib format string; ``references`` maps a panel title to
+    horizontal reference lines ``{label: y}``; ``xticks`` marks the x values (e.g. the training fractions).
+    """
+    if not panels:
+        raise ValueError("errorbar_figure needs at least one panel")
+    styles = dict(styles or {})
+    references = dict(references or {})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for ax, (panel, lines) in zip(axes[0], panels.items()):
+        for label, (x, mean, std) in lines.items():
+            if not (len(x) == len(mean) == len(std)):
+                raise ValueError(f"{panel} / {label}: x, mean and std differ in length ({len(x)}, {len(mean)}, "
+                                 f"{len(std)})")
+            bars = None if all(s is None for s in std) else [0.0 if s is None else s for s in std]
+            ax.errorbar(x, mean, yerr=bars, fmt=styles.get(label, "-o"), label=label, markersize=4, capsize=3)
+        for label, y in references.get(panel, {}).items():
+            ax.axhline(y, color="grey", linestyle=":", label=label)
+        ax.set_xscale(xscale)
+        if xticks is not None:
+            ax.set_xticks(list(xticks))
+            ax.set_xticklabels([f"{t:g}" for t in xticks])
+        ax.set_title(panel, fontsize=9)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
