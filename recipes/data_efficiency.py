@@ -44,10 +44,10 @@ from kronify.mri.evaluate import write_json, zero_filled_metrics
 from kronify.mri.figures import curves_figure, errorbar_figure
 from kronify.mri.presets import FAMILIES
 from kronify.mri.protocol import get_protocol
-from kronify.mri.seeds import RowOverSeeds, compare_rows, comparison_dicts, row_over_seeds, seed_list, train_seeds
+from kronify.mri.seeds import RowOverSeeds, compare_rows, comparison_dicts, row_over_seeds, seed_list, seed_run_dir
 
-COLUMNS = ["Family", "Fraction", "Train volumes", "Train slices", "Model", "Params (M)", "Seeds", "SSIM (std)", "PSNR (std)",
-           "NMSE", "Phase error rad", "Final val loss", "Final val PSNR", "Train time"]
+COLUMNS = ["Family", "Fraction", "Train volumes", "Train slices", "Model", "Params (M)", "Seeds", "SSIM (std)",
+           "PSNR (std)", "NMSE", "Phase error rad", "Final val loss", "Final val PSNR", "Train time"]
 PAIRED = ["Family", "Fraction", "Train volumes", "Kronecker model", "Dense model", "Test volumes", "PSNR diff (dB)",
           "95 % t-CI", "95 % bootstrap CI", "Wilcoxon p", "SSIM diff", "SSIM 95 % t-CI", "SSIM Wilcoxon p",
           "PSNR difference"]
@@ -122,25 +122,30 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare_data(args, preset, out / "split.json", args.acceleration)
         zf = zero_filled_metrics(data.datasets["test"], preset.eval_batch_size)
         fractions = sorted(set(args.fractions))
+        row_dir = lambda fraction, family, n: (  # noqa: E731
+            out / "runs" / f"{fraction:g}" / variant_name(preset.model(family).zoo_name, n, "learned"))
+        # seed by seed, so that a study stopped early holds complete seeds (rerun with --resume --seeds K)
+        for seed in seeds:
+            for family in families:
+                for fraction in fractions:
+                    part = subset(data, fraction, seed, protocol.train_subset)
+                    for n in (0, args.kron_n):
+                        run_dir = seed_run_dir(row_dir(fraction, family, n), seed, len(seeds))
+                        if args.resume and (run_dir / "metrics.json").is_file():
+                            continue
+                        if not train_and_evaluate(argparse.Namespace(**{**vars(args), "seed": seed}), preset, part,
+                                                  family, n, "learned", args.acceleration, run_dir, zero_filled=zf):
+                            return 0  # a non-zero DDP rank: rank 0 writes the tables
         rows, paired_rows, loss_curves, psnr_curves, points, numbers = [], [], {}, {}, {}, []
         for family in families:
             spec = preset.model(family)
             for fraction in fractions:
-                parts = {seed: subset(data, fraction, seed, protocol.train_subset) for seed in seeds}
-                train_set = parts[seeds[0]].datasets["train"]
+                train_set = subset(data, fraction, seeds[0], protocol.train_subset).datasets["train"]
                 volumes, slices = len(train_set.files), len(train_set)
                 by_n: dict[int, RowOverSeeds] = {}
                 for n in (0, args.kron_n):
                     name = variant_name(spec.zoo_name, n, "learned")
-
-                    def train(seed: int, run_dir: Path, n=n, family=family):
-                        return train_and_evaluate(argparse.Namespace(**{**vars(args), "seed": seed}), preset,
-                                                  parts[seed], family, n, "learned", args.acceleration, run_dir,
-                                                  zero_filled=zf)
-
-                    run_dirs = train_seeds(train, out / "runs" / f"{fraction:g}" / name, seeds, reuse=args.resume)
-                    if run_dirs is None:  # non-zero DDP rank
-                        continue
+                    run_dirs = [seed_run_dir(row_dir(fraction, family, n), seed, len(seeds)) for seed in seeds]
                     row = by_n[n] = row_over_seeds(run_dirs, seeds)
                     histories = [json.loads((d / "history.json").read_text()) for d in run_dirs]
                     label = f"{spec.zoo_name} {'Kronecker' if n else 'dense'} {fraction:.0%} ({volumes} vol)"
@@ -148,20 +153,20 @@ def main(argv: list[str] | None = None) -> int:
                     loss_curves[label] = (steps, [h["val_loss"] for h in histories[0]])
                     psnr_curves[label] = (steps, [h["val_psnr"] for h in histories[0]])
                     last = [h[-1] for h in histories if h]
-                    final = lambda key: float(np.mean([h[key] for h in last])) if last else float("nan")  # noqa: E731
+                    final = {key: float(np.mean([h[key] for h in last])) if last else float("nan")
+                             for key in ("val_loss", "val_psnr")}  # the last validation, mean over seeds
                     seconds = float(np.mean([r["train_seconds"] for r in row.runs]))
-                    rows.append([family, f"{fraction:.0%}", str(volumes), str(slices), name, f"{row.first['params'] / 1e6:.4f}",
-                                 str(len(seeds)), _cell(row, "ssim", 3), _cell(row, "psnr", 2),
-                                 f"{row.summaries['nmse'].mean:.4f}", f"{row.summaries['phase_error'].mean:.3f}",
-                                 f"{final('val_loss'):.4f}", f"{final('val_psnr'):.2f}", f"{seconds:.0f} s"])
+                    rows.append([family, f"{fraction:.0%}", str(volumes), str(slices), name,
+                                 f"{row.first['params'] / 1e6:.4f}", str(len(seeds)), _cell(row, "ssim", 3),
+                                 _cell(row, "psnr", 2), f"{row.summaries['nmse'].mean:.4f}",
+                                 f"{row.summaries['phase_error'].mean:.3f}", f"{final['val_loss']:.4f}",
+                                 f"{final['val_psnr']:.2f}", f"{seconds:.0f} s"])
                     psnr = row.summaries["psnr"]
                     points.setdefault(family, {}).setdefault("Kronecker" if n else "dense", []).append(
                         (fraction, psnr.mean, psnr.std))
                     numbers.append({"family": family, "fraction": fraction, "train_volumes": volumes,
                                     "train_slices": slices, "model": name, "kron_n": n,
                                     "params": row.first["params"], **row.as_dict()})
-                if len(by_n) < 2:
-                    continue
                 comparison = compare_rows(by_n[args.kron_n], by_n[0])
                 p, s = comparison["psnr"], comparison["ssim"]
                 paired_rows.append([family, f"{fraction:.0%}", str(volumes), variant_name(spec.zoo_name, args.kron_n,

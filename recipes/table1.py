@@ -202,16 +202,19 @@ def json_row(label: str, protocol: str, acc: int, m: dict[str, Any], display: di
     }
 
 
+def _interval(interval: tuple[float, float] | None, digits: int, missing: str = "-") -> str:
+    return missing if interval is None else f"{interval[0]:+.{digits}f} to {interval[1]:+.{digits}f}"
+
+
 def paired_cells(paired: dict[str, PairedComparison] | None) -> dict[str, str]:
     """The paired comparison's CSV cells (empty for rows without one)."""
     cells = {}
     for metric, digits in (("psnr", 2), ("ssim", 3)):
         c = (paired or {}).get(metric)
         name = metric.upper()
-        ci = lambda interval: "" if interval is None else f"{interval[0]:+.{digits}f} to {interval[1]:+.{digits}f}"  # noqa: E731
         cells.update({f"{name} diff vs dense": "" if c is None else f"{c.mean_difference:+.{digits}f}",
-                      f"{name} diff 95% t-CI": "" if c is None else ci(c.t_ci),
-                      f"{name} diff 95% bootstrap CI": "" if c is None else ci(c.bootstrap_ci),
+                      f"{name} diff 95% t-CI": "" if c is None else _interval(c.t_ci, digits, ""),
+                      f"{name} diff 95% bootstrap CI": "" if c is None else _interval(c.bootstrap_ci, digits, ""),
                       f"{name} Wilcoxon p": "" if c is None else f"{c.wilcoxon_p:.3g}",
                       f"{name} distinguishable": "" if c is None else ("yes" if c.distinguishable else "no")})
     return cells
@@ -234,10 +237,9 @@ def paired_table(labels: list[str], dense_of: dict[str, str], paired: dict[str, 
         if label not in paired:
             continue
         p, s = paired[label]["psnr"], paired[label]["ssim"]
-        ci = lambda interval, d: "-" if interval is None else f"{interval[0]:+.{d}f} to {interval[1]:+.{d}f}"  # noqa: E731
-        lines.append(f"| {label} | {dense_of[label]} | {p.n} | {p.mean_difference:+.2f} | {ci(p.t_ci, 2)} | "
-                     f"{ci(p.bootstrap_ci, 2)} | {p.wilcoxon_p:.3g} | {s.mean_difference:+.3f} | {ci(s.t_ci, 3)} | "
-                     f"{s.wilcoxon_p:.3g} | {p.verdict} |")
+        lines.append(f"| {label} | {dense_of[label]} | {p.n} | {p.mean_difference:+.2f} | {_interval(p.t_ci, 2)} | "
+                     f"{_interval(p.bootstrap_ci, 2)} | {p.wilcoxon_p:.3g} | {s.mean_difference:+.3f} | "
+                     f"{_interval(s.t_ci, 3)} | {s.wilcoxon_p:.3g} | {p.verdict} |")
     notes = sorted({n for comparisons in paired.values() for n in comparisons["psnr"].notes})
     lines += ["", "Differences are Kronecker minus dense on the same test volumes (positive favours Kronecker); "
               + ("each volume's metric is first averaged over the seeds, then the volumes are paired. "
