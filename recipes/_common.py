@@ -219,7 +219,8 @@ def build_model(family: str, preset: Preset, kron_n: int, algebra: str) -> torch
         model = zoo.create(spec.zoo_name, **spec.overrides)
     else:
         model, _ = zoo.create_kron(spec.zoo_name, n=kron_n, algebra=algebra, **spec.overrides)
-    return ZeroFilledStart(model, correction=spec.correction) if preset.zero_filled_start else model
+    return ZeroFilledStart(model, correction=spec.correction, gain_init=spec.start_gain) \
+        if preset.zero_filled_start else model
 
 
 def model_cost(model: torch.nn.Module, size: int) -> tuple[int, float]:
@@ -259,7 +260,8 @@ def train_and_evaluate(
     loss = CompositeLoss(preset.alpha, preset.beta, preset.gamma)
     protocol = get_protocol(preset.protocol)
     module = ReconModule(model, loss, lr=preset.lr, milestones=preset.milestones(max_steps),
-                         ema_decay=preset.ema_decay, protocol=protocol.name)
+                         ema_decay=preset.ema_decay, protocol=protocol.name, schedule=preset.schedule,
+                         warmup=preset.warmup_steps(max_steps))
     ds = dict(data.datasets)
     patch = spec.train_patch if protocol.name == "paper" else None  # the official code's SwinMR patches
     if patch is not None:
@@ -268,7 +270,7 @@ def train_and_evaluate(
         ds["train"] = ds["train"].with_transform(ds["train"].transform.with_patch(min(patch, preset.crop)))
     datamodule = ReconDataModule(ds["train"], ds["val"], ds["test"], batch_size=preset.batch_size, seed=args.seed,
                                  num_workers=preset.num_workers, eval_batch_size=preset.eval_batch_size,
-                                 phase_augment=preset.phase_augment)
+                                 phase_augment=preset.phase_augment, augment=preset.augment)
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     trainer = make_trainer(out_dir, max_steps=max_steps, val_every=preset.val_every, ckpt_every=preset.ckpt_every,
                            accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes,

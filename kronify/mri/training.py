@@ -42,11 +42,13 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from kronify.mri.augment import AugmentConfig
 from kronify.mri.checkpoint import AtomicCheckpointIO, LastCheckpoint
 from kronify.mri.ema import EMA
 from kronify.mri.losses import CompositeLoss
 from kronify.mri.complex import magnitude
 from kronify.mri.metrics import MetricsAccumulator
+from kronify.mri.schedules import SCHEDULES, make_schedule
 
 __all__ = [
     "PRECISIONS",
@@ -82,13 +84,19 @@ class ZeroFilledStart(nn.Module):
     mean-squared error 15–250× the zero-filled one on the demo data), and a short CPU run spends most of its
     steps getting back to it. This wrapper removes that phase; it adds one parameter and changes nothing else
     (the wrapped model, dense or Kronecker, is ``.model``). Used by the demo and tiny presets, not the paper one.
+
+    ``gain_init`` 1 suits a model that already starts at its input (e.g. MoDL with ``denoiser_out_init`` near
+    0): its output is then the model's own from the first step, and the gain no longer scales the network's
+    updates down (the product of a small gain and a small output would learn slowly).
     """
 
-    def __init__(self, model: nn.Module, correction: bool = False) -> None:
+    def __init__(self, model: nn.Module, correction: bool = False, gain_init: float = 0.0) -> None:
         super().__init__()
+        if not math.isfinite(gain_init):
+            raise ValueError(f"gain_init must be finite, got {gain_init}")
         self.model = model
         self.correction = bool(correction)
-        self.gain = nn.Parameter(torch.zeros(()))
+        self.gain = nn.Parameter(torch.tensor(float(gain_init)))
 
     @property
     def needs_kspace(self) -> bool:
@@ -127,6 +135,9 @@ class ReconModule(pl.LightningModule):
         loss: the training loss ``loss(output, target) -> (total, terms)``; default ``CompositeLoss(15, 0.1, γ)``.
         lr, betas, weight_decay: Adam.
         milestones, lr_gamma: MultiStepLR, stepped every optimizer step (milestones are step counts).
+        schedule, warmup: the learning-rate schedule (:mod:`kronify.mri.schedules`): ``"multistep"`` (the
+            milestones) or ``"cosine"`` (``warmup`` linear warm-up steps, then a cosine to 0 at the trainer's
+            ``max_steps``).
         ema_decay, ema_warmup: see :class:`kronify.mri.ema.EMA`.
         lpips: LPIPS for the test metrics (``"auto"``: used when its weights are on disk; None: skipped).
         log_images: log (zero-filled | output | target | error) of the first validation slice to TensorBoard.
@@ -145,6 +156,8 @@ class ReconModule(pl.LightningModule):
         weight_decay: float = 0.0,
         milestones: Sequence[int] = (),
         lr_gamma: float = 0.5,
+        schedule: str = "multistep",
+        warmup: int = 0,
         ema_decay: float = 0.999,
         ema_warmup: bool = True,
         lpips: Any = "auto",
@@ -159,6 +172,8 @@ class ReconModule(pl.LightningModule):
             raise ValueError(f"milestones must be increasing positive step counts, got {list(milestones)}")
         if seed is not None and seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        if schedule not in SCHEDULES or warmup < 0:
+            raise ValueError(f"schedule must be one of {SCHEDULES} with warmup >= 0, got {schedule!r}, {warmup}")
         self.save_hyperparameters(ignore=["model", "loss", "lpips"])
         self.model = model
         self.loss_fn = loss if loss is not None else CompositeLoss(gamma=0.0)
@@ -179,7 +194,10 @@ class ReconModule(pl.LightningModule):
         hp = self.hparams
         opt = torch.optim.Adam(self.model.parameters(), lr=hp.lr, betas=tuple(hp.betas),
                                weight_decay=hp.weight_decay)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(hp.milestones), gamma=hp.lr_gamma)
+        schedule, warmup = hp.get("schedule", "multistep"), hp.get("warmup", 0)
+        total = self.trainer.max_steps if self._trainer is not None else 0
+        sched = make_schedule(opt, schedule, total=total, milestones=hp.milestones, gamma=hp.lr_gamma,
+                              warmup=warmup)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def forward(self, batch: Any) -> Tensor:
@@ -412,16 +430,24 @@ class ReconDataModule(pl.LightningDataModule):
     """Train/val/test loaders for :class:`ReconModule`.
 
     ``batch_size`` is the *global* batch (split over the processes), so 1 or N GPUs train the same thing.
-    ``phase_augment`` applies :func:`rotate_phase` to training samples. Validation/test loaders are sharded with
+    ``phase_augment`` applies :func:`rotate_phase` to training samples; ``augment`` (an
+    :class:`kronify.mri.augment.AugmentConfig`) augments every training slice before it is masked (through its
+    transform's :meth:`~kronify.mri.transform.MRITransform.with_augment`; drawn anew per sample, fixed by the
+    sample's seed; validation and test are never augmented). Validation/test loaders are sharded with
     a non-shuffling DistributedSampler when there are several processes.
     """
 
     def __init__(self, train: Dataset | None, val: Dataset | None, test: Dataset | None, *, batch_size: int,
                  seed: int = 0, num_workers: int = 0, eval_batch_size: int | None = None,
-                 reseed: Callable[[int], None] | None = None, phase_augment: bool = False) -> None:
+                 reseed: Callable[[int], None] | None = None, phase_augment: bool = False,
+                 augment: AugmentConfig | None = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        if augment is not None and augment.enabled:
+            if train is None or not hasattr(getattr(train, "transform", None), "with_augment"):
+                raise ValueError("augment needs a kronify.mri training set (its transform augments before masking)")
+            train = train.with_transform(train.transform.with_augment(augment, seed))
         self.train_set, self.val_set, self.test_set = train, val, test
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.eval_batch_size = eval_batch_size or batch_size

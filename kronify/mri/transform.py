@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kronify.mri.complex import fft2c_masked, ifft2c_crop
+from kronify.mri.augment import AugmentConfig, SliceAugment
+from kronify.mri.complex import fft2c, fft2c_masked, from_complex, ifft2c, ifft2c_crop, to_complex
 from kronify.mri.errors import DataError
 from kronify.mri.masks import make_mask_func
 from kronify.mri.protocol import Protocol, get_protocol
@@ -115,6 +116,10 @@ class MRITransform:
     ``fixed_mask=True`` (validation/test) seeds every call with the file name, so a volume gets the same mask
     in every epoch. ``patch`` (training only) cuts a random ``patch`` x ``patch`` window out of input and target
     after undersampling the whole slice, as the official code trains SwinMR (192x192).
+    ``augment`` (a :class:`kronify.mri.augment.SliceAugment`, training only) varies the fully sampled complex
+    image before it is masked: the image the k-space encodes (the whole field of view under ``fastmri``, the
+    crop under ``paper``) is augmented and its k-space recomputed, so input, target and k-space stay
+    consistent. :meth:`reseed` seeds it with the masks, so a sample's augmentation is fixed by its seed.
     """
 
     def __init__(
@@ -128,6 +133,7 @@ class MRITransform:
         protocol: str | Protocol = "fastmri",
         mask: np.ndarray | Tensor | None = None,
         patch: int | None = None,
+        augment: SliceAugment | None = None,
     ):
         self.crop = crop_size(crop)
         self.protocol = get_protocol(protocol)
@@ -138,6 +144,7 @@ class MRITransform:
             raise ValueError(f"the {self.protocol.name} protocol masks the crop's {self.crop[1]} columns, "
                              f"but the fixed mask has {self.mask.numel()}")
         self.patch = _check_patch(patch)
+        self.augment = augment
         self._patch_rng = np.random.default_rng(0)
         self._seeded_pid: int | None = None
 
@@ -153,6 +160,14 @@ class MRITransform:
         other.patch = _check_patch(patch)
         other._patch_rng = np.random.default_rng(0)
         other._seeded_pid = None
+        other.augment = copy.deepcopy(self.augment)
+        return other
+
+    def with_augment(self, config: AugmentConfig | None, seed: int = 0) -> MRITransform:
+        """A copy of this transform whose training samples are augmented with ``config`` before masking
+        (None or a disabled config: no augmentation)."""
+        other = self.with_patch(self.patch)
+        other.augment = SliceAugment(config, seed) if config is not None and config.enabled else None
         return other
 
     def reseed(self, seed: int) -> None:
@@ -160,6 +175,8 @@ class MRITransform:
         resumable training)."""
         self.mask_func.rng.seed(seed % (2**32 - 1))
         self._patch_rng = np.random.default_rng(seed)
+        if self.augment is not None:
+            self.augment.reseed(seed)
         self._seeded_pid = os.getpid()
 
     def _mask_seed(self, fname: str) -> tuple[int, ...] | None:
@@ -197,9 +214,16 @@ class MRITransform:
         if self.crop[0] > height or self.crop[1] > width:
             raise DataError(f"crop {self.crop} is larger than the image {height}x{width} of {fname}")
         raw = torch.from_numpy(kspace)
+        augmenting = self.augment is not None and not self.fixed_mask
+        if augmenting and self._seeded_pid != os.getpid():
+            self.reseed(torch.initial_seed())
+        if augmenting and self.protocol.mask_over != "crop":  # fastmri: the raw k-space's whole field of view
+            raw = to_complex(fft2c(self.augment(ifft2c(from_complex(raw)))))
         # computed without shifted copies or transforms of rows that the crop discards; equal up to float rounding
         # to fastmri's ifft2c / complex_center_crop / fft2c / apply_mask chain of each protocol (see the tests)
         target = self.target_image(raw)
+        if augmenting and self.protocol.mask_over == "crop":  # paper: the crop is what gets masked
+            target = self.augment(target)
         if self.protocol.mask_over == "crop":  # paper: mask the crop's own k-space
             col_mask = self._column_mask(self.crop[1], fname)
             masked_k, zero_filled = fft2c_masked(target, col_mask)
