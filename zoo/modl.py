@@ -100,7 +100,7 @@ def dc_cg(z: torch.Tensor, kspace: torch.Tensor, op: CartesianSingleCoil, lam: t
 class ResidualDenoiser(nn.Module):
     """MoDL's denoiser D(x) = x + N(x): `layers` 3×3 convs, BatchNorm and ReLU after all but the last."""
 
-    def __init__(self, in_chans: int = 2, features: int = 64, layers: int = 5):
+    def __init__(self, in_chans: int = 2, features: int = 64, layers: int = 5, out_init: float = 1.0):
         super().__init__()
         if layers < 2:
             raise ValueError(f"layers must be >= 2, got {layers}")
@@ -109,6 +109,10 @@ class ResidualDenoiser(nn.Module):
         for cin, cout in zip(widths[:-1], widths[1:]):
             blocks += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
         blocks.append(nn.Conv2d(features, in_chans, 3, padding=1))
+        if out_init != 1.0:  # a small last layer: D starts near the identity, so MoDL starts near zero-filling
+            with torch.no_grad():
+                blocks[-1].weight.mul_(out_init)
+                blocks[-1].bias.mul_(out_init)
         self.net = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,12 +121,14 @@ class ResidualDenoiser(nn.Module):
 
 class MoDL(nn.Module):
     """Unrolled MoDL: x₀ = zero-filled image; K times z = D(x), x = DC(z). One `denoiser` module is
-    called K times (shared weights). forward(x, mask, kspace) with x, kspace (B, 2, H, W), mask (B, 1, 1, W)."""
+    called K times (shared weights). forward(x, mask, kspace) with x, kspace (B, 2, H, W), mask (B, 1, 1, W).
+    ``denoiser_out_init`` scales the denoiser's last layer at initialisation (1: PyTorch's default init; the CPU
+    demo uses 0.01 so that MoDL starts near the zero-filled image, which is already data-consistent)."""
 
     needs_kspace = True
 
     def __init__(self, iterations: int = 10, features: int = 64, layers: int = 5, lam_init: float = 0.05,
-                 dc: str = "closed_form", cg_iterations: int = 10, in_chans: int = 2):
+                 dc: str = "closed_form", cg_iterations: int = 10, in_chans: int = 2, denoiser_out_init: float = 1.0):
         super().__init__()
         if dc not in ("closed_form", "cg"):
             raise ValueError(f"dc must be 'closed_form' or 'cg', got {dc!r}")
@@ -131,7 +137,10 @@ class MoDL(nn.Module):
         self.in_chans, self.iterations, self.dc, self.cg_iterations = in_chans, iterations, dc, cg_iterations
         if not lam_init > 0:
             raise ValueError(f"lam_init must be > 0, got {lam_init}")
-        self.denoiser = ResidualDenoiser(in_chans, features, layers)
+        if not denoiser_out_init > 0:
+            raise ValueError(f"denoiser_out_init must be > 0 (a zero last layer gets no gradient through a "
+                             f"Kronecker factorisation), got {denoiser_out_init}")
+        self.denoiser = ResidualDenoiser(in_chans, features, layers, denoiser_out_init)
         self.lam_raw = nn.Parameter(inverse_softplus(torch.tensor(float(lam_init))))
         self.register_load_state_dict_pre_hook(_lam_from_old_state_dict)
 
