@@ -436,6 +436,7 @@ def write_table(out: Path, preset, lines: list[list[str]], csv_rows: list[dict],
         "configurations run 8x; it has no dense U-Net, SwinMR, MoDL, Kronecker MoDL, fastMRI U-Net or "
         "complex-algebra rows).",
     ]
+    caveats += [f"- {note}" for note in preset.notes]  # the preset's choices and what they were measured to give
     if preset.name == "demo" and protocol.name == "fastmri":
         caveats.append("- The demo preset uses the fastmri protocol by default: the demo files are fastMRI-format "
                        "raw k-space, and per-sample random masks with per-volume metrics are what that format's own "
