@@ -1,17 +1,20 @@
-"""Training benchmark on the demo data: dense vs Kronecker U-Net (the demo preset's models and pipeline).
+"""Training benchmark on the demo data: time per step and slices/s of every demo model, dense and Kronecker.
 
-Run from the repo root: ``python -m benchmarks.training [--quick]``. Writes benchmarks/results/training.json and
-training.md.
+Run from the repo root: ``python -m benchmarks.training [--quick] [--convergence]``. Writes
+benchmarks/results/training.json and training.md.
 
-Measured, for the dense U-Net and its Kronecker version (n = 2), with the demo preset's crop, batch, loss,
-phase augmentation and zero-filled start:
-- throughput: training slices per second over ``--steps`` steps (after warm-up), through the real training
-  DataLoader (``ReconDataModule``: h5 read, crop, mask, FFTs, normalisation, phase rotation; one prefetching
-  worker by default, ``--num-workers 0`` loads in the training process) and the real step (forward, composite
-  loss, backward, Adam, EMA update);
-- input-pipeline share: the time spent waiting for the next batch / the whole step time (target <= 10%);
-- convergence: both models trained with Lightning for the same steps, validated every ``--val-every`` steps; the
-  number of steps each needs to reach the dense model's *final* validation PSNR (target: Kronecker <= dense).
+For every trained row of the demo table (the demo preset's model, crop, batch, loss, phase augmentation and
+zero-filled start), through the real training DataLoader (``ReconDataModule``: h5 read, crop, mask, FFTs,
+normalisation, phase rotation; in the training process, as the demo runs) and the real step (forward,
+composite loss, backward, Adam, EMA update):
+
+- ms per step and training slices per second over ``--steps`` steps after a warm-up, with 1 and with 2 torch
+  threads (the speed levers "thread settings"), and with the model and its input in ``channels_last`` memory
+  format (2 threads);
+- the input pipeline's share of the step.
+
+``--convergence`` also trains the dense and Kronecker fastMRI U-Nets with Lightning and reports the steps each
+needs to reach the dense model's final validation PSNR.
 """
 
 from __future__ import annotations
@@ -30,53 +33,81 @@ from kronify.mri.data import build_datasets
 from kronify.mri.demo import build_demo_dataset
 from kronify.mri.evaluate import machine_description
 from kronify.mri.losses import CompositeLoss
-from kronify.mri.presets import get_preset
-from kronify.mri.training import ReconDataModule, ReconModule, ZeroFilledStart, make_trainer
+from kronify.mri.presets import Preset, get_preset
+from kronify.mri.training import ReconDataModule, ReconModule, ZeroFilledStart, make_trainer, reconstruct
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+#: (family, Kronecker n, algebra): the trained rows of recipes/table1.py's demo table
+ROWS = [("lbunet", 0, "learned"), ("efficient_unet", 0, "learned"), ("unet_ddpm", 0, "learned"),
+        ("unet_ddpm", 2, "learned"), ("unet", 0, "learned"), ("unet", 2, "learned"), ("unet", 2, "complex"),
+        ("swinmr", 0, "learned"), ("swinmr", 2, "learned"), ("modl", 0, "learned"), ("modl", 2, "learned")]
 
-def _model(kron: bool, preset) -> torch.nn.Module:
-    spec = preset.model("unet")
-    net = zoo.create_kron(spec.zoo_name, **spec.overrides)[0] if kron else zoo.create(spec.zoo_name, **spec.overrides)
-    return ZeroFilledStart(net, correction=spec.correction) if preset.zero_filled_start else net
+#: The committed numbers before the demo set-up was reworked (the 8-channel U-Net, benchmark of commit b5868b8:
+#: one prefetching loader worker, 2 threads).
+BEFORE = {"unet_demo (chans 8)": {"slices_per_s": 46.0, "step_ms": 87.0},
+          "kron_unet_demo (chans 8)": {"slices_per_s": 36.5, "step_ms": 110.0}}
 
 
-def _datamodule(datasets, preset, seed: int) -> ReconDataModule:
+def row_name(preset: Preset, family: str, n: int, algebra: str) -> str:
+    name = preset.model(family).zoo_name
+    return name if n == 0 else f"kron_{name}" + ("_complex" if algebra == "complex" else "")
+
+
+def build(preset: Preset, family: str, n: int = 0, algebra: str = "learned") -> torch.nn.Module:
+    """The demo table's model for a row, wrapped as the demo wraps it."""
+    spec = preset.model(family)
+    net = zoo.create_kron(spec.zoo_name, n=n, algebra=algebra, **spec.overrides)[0] if n \
+        else zoo.create(spec.zoo_name, **spec.overrides)
+    if not preset.zero_filled_start:
+        return net
+    return ZeroFilledStart(net, correction=spec.correction, gain_init=spec.start_gain)
+
+
+def _datamodule(datasets, preset: Preset, seed: int) -> ReconDataModule:
     return ReconDataModule(datasets["train"], datasets["val"], datasets["test"], batch_size=preset.batch_size,
                            seed=seed, num_workers=preset.num_workers, eval_batch_size=preset.eval_batch_size,
-                           phase_augment=preset.phase_augment)
+                           phase_augment=preset.phase_augment, augment=preset.augment)
 
 
-def throughput(datasets, preset, kron: bool, steps: int, warmup: int = 3) -> dict:
-    """Slices/s of real training steps and the share of time spent waiting for batches."""
-    torch.manual_seed(0)
-    module = ReconModule(_model(kron, preset), CompositeLoss(preset.alpha, preset.beta, preset.gamma),
-                         lr=preset.lr, ema_decay=preset.ema_decay)
-    opt = torch.optim.Adam(module.model.parameters(), lr=preset.lr)
-    loader = iter(_datamodule(datasets, preset, seed=0).make_train_loader(warmup + steps))
-    wait = total = 0.0
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        batch = next(loader)
-        t1 = time.perf_counter()
-        loss, _ = module.training_loss(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        module.ema.update(module.model)
-        t2 = time.perf_counter()
-        if i >= warmup:
-            wait, total = wait + (t1 - t0), total + (t2 - t0)
-    slices = steps * preset.batch_size
-    return {"slices_per_s": slices / total, "step_ms": 1e3 * total / steps, "input_share": wait / total,
-            "params": sum(p.numel() for p in module.model.parameters())}
+def throughput(datasets, preset: Preset, model: torch.nn.Module, steps: int, *, threads: int,
+               channels_last: bool = False, warmup: int = 3) -> dict:
+    """ms/step and slices/s of real training steps, and the share of the step spent waiting for the batch."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.to(memory_format=fmt)
+        module = ReconModule(model, CompositeLoss(preset.alpha, preset.beta, preset.gamma), lr=preset.lr,
+                             ema_decay=preset.ema_decay, lpips=None, log_images=False)
+        opt = torch.optim.Adam(module.model.parameters(), lr=preset.lr)
+        loader = iter(_datamodule(datasets, preset, seed=0).make_train_loader(warmup + steps))
+        wait = total = 0.0
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            batch = next(loader)
+            if channels_last:
+                batch = batch._replace(input=batch.input.contiguous(memory_format=fmt))
+            t1 = time.perf_counter()
+            loss, _ = module.loss_fn(reconstruct(module.model, batch).float(), batch.target.float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            module.ema.update(module.model)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                wait, total = wait + (t1 - t0), total + (t2 - t0)
+    finally:
+        torch.set_num_threads(previous)
+    return {"slices_per_s": steps * preset.batch_size / total, "step_ms": 1e3 * total / steps,
+            "input_share": wait / total}
 
 
-def convergence(datasets, preset, kron: bool, steps: int, val_every: int, out: Path) -> list[dict]:
-    """Validation history (EMA weights) of a Lightning run of ``steps`` steps."""
+def convergence(datasets, preset: Preset, kron: bool, steps: int, val_every: int, out: Path) -> list[dict]:
+    """Validation history (EMA weights) of a Lightning run of the fastMRI U-Net for ``steps`` steps."""
     pl.seed_everything(0, verbose=False)
-    module = ReconModule(_model(kron, preset), CompositeLoss(preset.alpha, preset.beta, preset.gamma),
+    module = ReconModule(build(preset, "unet", 2 if kron else 0), CompositeLoss(preset.alpha, preset.beta, preset.gamma),
                          lr=preset.lr, milestones=preset.milestones(steps), ema_decay=preset.ema_decay)
     trainer = make_trainer(out, max_steps=steps, val_every=val_every, ckpt_every=steps, accelerator="cpu",
                            precision="32-true", progress_bar=False)
@@ -88,63 +119,75 @@ def steps_to_reach(history: list[dict], target: float) -> int | None:
     return next((h["step"] for h in history if h["val_psnr"] >= target - 1e-9), None)
 
 
+def _markdown(result: dict, preset: Preset, steps: int) -> list[str]:
+    md = [
+        "# Training benchmark (demo data, every demo model, dense vs Kronecker)", "",
+        f"Machine: {result['machine']}. Demo preset: crop {preset.crop}, batch {preset.batch_size}, loader in the "
+        f"training process (as the demo runs); {steps} timed steps after 3 warm-up steps. `python -m "
+        "benchmarks.training`.", "",
+        "| model | params | ms/step (2 threads) | slices/s (2 threads) | ms/step (1 thread) | ms/step (2 threads, "
+        "channels_last) | input pipeline share | demo steps | demo training time at 2 threads |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in result["models"].items():
+        two, one, cl = m["threads2"], m["threads1"], m["channels_last"]
+        md.append(f"| {name} | {m['params']:,} | {two['step_ms']:.0f} | {two['slices_per_s']:.1f} | "
+                  f"{one['step_ms']:.0f} | {cl['step_ms']:.0f} | {two['input_share']:.1%} | {m['demo_steps']} | "
+                  f"{m['demo_steps'] * two['step_ms'] / 1e3:.0f} s |")
+    total = sum(m["demo_steps"] * m["threads2"]["step_ms"] / 1e3 for m in result["models"].values())
+    md += ["", f"Sum of the demo's training steps at these speeds: {total:.0f} s (validation, test and figures "
+           "come on top; docs/results/demo_table1.md breaks down a whole `make demo`).", "",
+           "Before (committed numbers of the 8-channel demo U-Net, one prefetching loader worker, 2 threads): "
+           + "; ".join(f"{k}: {v['step_ms']:.0f} ms/step, {v['slices_per_s']:.1f} slices/s"
+                       for k, v in BEFORE.items()) + ". The demo's U-Net is now 16 channels wide (about 4x the "
+                       "multiply-adds per step): more work per step bought more PSNR per second (docs/results/"
+                       "demo_table1.md).", ""]
+    if "steps_to_target" in result:
+        md += [f"Convergence (fastMRI U-Net, dense vs Kronecker): steps to the dense run's final validation PSNR "
+               f"{result['target_val_psnr']:.2f} dB: {result['steps_to_target']}.", ""]
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
-    parser.add_argument("--steps", type=int, default=None, help="timed training steps per model (default 30)")
-    parser.add_argument("--train-steps", type=int, default=None, help="convergence run length (default 400)")
-    parser.add_argument("--val-every", type=int, default=25)
-    parser.add_argument("--num-workers", type=int, default=1,
-                        help="DataLoader workers (1: one prefetching worker; the demo preset itself uses 0 because "
-                             "its minute-long runs do not amortise worker start-up)")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps per model (default 12)")
+    parser.add_argument("--convergence", action="store_true", help="also the dense vs Kronecker U-Net convergence runs")
+    parser.add_argument("--train-steps", type=int, default=400, help="convergence run length")
+    parser.add_argument("--val-every", type=int, default=50)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--stem", default="training", help="results file name (benchmarks/results/STEM.{json,md})")
     args = parser.parse_args(argv)
-    steps = args.steps or (5 if args.quick else 30)
-    train_steps = args.train_steps or (50 if args.quick else 400)
-    preset = get_preset("demo", num_workers=args.num_workers)
+    steps = args.steps or (2 if args.quick else 12)
+    preset = get_preset("demo")
     cache = Path(args.cache_dir or os.environ.get("KRONIFY_CACHE") or Path.home() / ".cache" / "kronify")
-    build = preset.demo_build
-    root = build_demo_dataset(cache / "bench-demo", **build).root
+    root = build_demo_dataset(cache / "bench-demo", **preset.demo_build).root
     work = cache / "bench-runs"
     datasets = build_datasets(root, work / "split.json", crop=preset.crop, accelerations=4,
                               num_slices=preset.num_slices)
 
-    result: dict = {"machine": machine_description(),
-                    "preset": preset.name, "crop": preset.crop, "batch_size": preset.batch_size, "models": {}}
-    for kron in (False, True):
-        name = "kron_unet_demo" if kron else "unet_demo"
-        t = throughput(datasets, preset, kron, steps)
-        history = convergence(datasets, preset, kron, train_steps, args.val_every, work / name)
-        result["models"][name] = {**t, "history": history}
-        print(f"{name}: {t['slices_per_s']:.1f} slices/s, {t['step_ms']:.0f} ms/step, input pipeline "
-              f"{t['input_share']:.1%} of the step, final val PSNR {history[-1]['val_psnr']:.2f} dB", flush=True)
-    dense, kron = result["models"]["unet_demo"], result["models"]["kron_unet_demo"]
-    target = dense["history"][-1]["val_psnr"]
-    result["target_val_psnr"] = target
-    result["steps_to_target"] = {"unet_demo": steps_to_reach(dense["history"], target),
-                                 "kron_unet_demo": steps_to_reach(kron["history"], target)}
-    k_steps = result["steps_to_target"]["kron_unet_demo"]
-    result["kron_no_more_steps"] = k_steps is not None and k_steps <= result["steps_to_target"]["unet_demo"]
-    result["input_share_ok"] = max(dense["input_share"], kron["input_share"]) <= 0.10
+    result: dict = {"machine": machine_description(), "preset": preset.name, "crop": preset.crop,
+                    "batch_size": preset.batch_size, "steps": steps, "before": BEFORE, "models": {}}
+    for family, n, algebra in ROWS:
+        name = row_name(preset, family, n, algebra)
+        params = sum(p.numel() for p in build(preset, family, n, algebra).parameters())
+        runs = {key: throughput(datasets, preset, build(preset, family, n, algebra), steps, threads=t,
+                                channels_last=cl)
+                for key, t, cl in (("threads2", 2, False), ("threads1", 1, False), ("channels_last", 2, True))}
+        result["models"][name] = {"params": params, "demo_steps": preset.steps_for(family), **runs}
+        print(f"{name}: " + ", ".join(f"{k} {v['step_ms']:.0f} ms/step" for k, v in runs.items()), flush=True)
+    if args.convergence:
+        histories = {k: convergence(datasets, preset, k, args.train_steps, args.val_every, work / f"conv{int(k)}")
+                     for k in (False, True)}
+        target = histories[False][-1]["val_psnr"]
+        result["target_val_psnr"] = target
+        result["steps_to_target"] = {("kron" if k else "dense"): steps_to_reach(h, target)
+                                     for k, h in histories.items()}
 
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "training.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = [
-        "# Training benchmark (demo data, dense vs Kronecker U-Net)", "",
-        f"Machine: {result['machine']}. Demo preset: crop {preset.crop}, batch {preset.batch_size}; "
-        f"{preset.num_workers} loader workers; {steps} timed steps, {train_steps}-step convergence runs validated every {args.val_every} steps.", "",
-        "| model | params | slices/s | ms/step | input pipeline share (target <= 10%) | final val PSNR | "
-        "steps to dense's final val PSNR |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, m in result["models"].items():
-        md.append(f"| {name} | {m['params']} | {m['slices_per_s']:.1f} | {m['step_ms']:.0f} | "
-                  f"{m['input_share']:.1%} | {m['history'][-1]['val_psnr']:.2f} | "
-                  f"{result['steps_to_target'][name] or 'not reached'} |")
-    md += ["", f"Target val PSNR (dense final): {target:.2f} dB. Kronecker reaches it in no more steps than dense: "
-               f"{'yes' if result['kron_no_more_steps'] else 'no'}. Input pipeline <= 10% of a step: "
-               f"{'yes' if result['input_share_ok'] else 'no'}.", ""]
-    (RESULTS / "training.md").write_text("\n".join(md))
+    (RESULTS / f"{args.stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = _markdown(result, preset, steps)
+    (RESULTS / f"{args.stem}.md").write_text("\n".join(md))
     print("\n".join(md))
     return 0
 
