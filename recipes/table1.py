@@ -58,13 +58,14 @@ from kronify.mri.protocol import get_protocol
 from kronify.mri.seeds import (
     RowOverSeeds,
     compare_rows,
+    compare_seed_means,
     comparison_dicts,
     row_over_seeds,
     seed_list,
     seed_run_dir,
     train_seeds,
 )
-from kronify.mri.statistics import PairedComparison, SeedSummary
+from kronify.mri.statistics import PairedComparison, SeedComparison, SeedSummary
 
 # (label, family, kron_n, algebra); family None is zero-filling.
 ROWS: list[tuple[str, str | None, int, str]] = [
@@ -176,10 +177,12 @@ def _zero_filled_result(acc: MetricsAccumulator) -> dict[str, Any]:
 
 def json_row(label: str, protocol: str, acc: int, m: dict[str, Any], display: dict[str, str],
              over: RowOverSeeds | None = None, dense: str | None = None,
-             paired: dict[str, PairedComparison] | None = None) -> dict[str, Any]:
+             paired: dict[str, PairedComparison] | None = None,
+             seed_level: dict[str, SeedComparison] | None = None) -> dict[str, Any]:
     """One table1.json row: the numbers as numbers (mean and std as floats, None when n/a) beside the display
     strings of the markdown/CSV table. With several seeds ``mean``/``std`` are over the seeds (``std_over``
-    says which); ``seeds`` has each seed's means; a Kronecker row has its paired comparison with ``dense_row``."""
+    says which); ``seeds`` has each seed's means; a Kronecker row has its paired comparison with ``dense_row``
+    over the test volumes (``paired``) and, with several seeds, Welch's test of the seeds' means (``seed_level``)."""
     p = PAPER.get(label)
     several = over is not None and len(over.seeds) > 1
     if several:
@@ -195,6 +198,7 @@ def json_row(label: str, protocol: str, acc: int, m: dict[str, Any], display: di
         "train_seconds": m.get("train_seconds"), "steps": m.get("steps"),
         "seeds": None if over is None else over.as_dict(),
         "dense_row": dense, "paired": None if paired is None else comparison_dicts(paired),
+        "seed_level": None if seed_level is None else comparison_dicts(seed_level),
         "paper": None if p is None else {
             "params_m": p["params"], "gflops": p["gflops"],
             **{k: {"mean": p[k][0], "std": p[k][1]} for k in ("ssim", "psnr", "lpips")}},
@@ -206,17 +210,20 @@ def _interval(interval: tuple[float, float] | None, digits: int, missing: str = 
     return missing if interval is None else f"{interval[0]:+.{digits}f} to {interval[1]:+.{digits}f}"
 
 
-def paired_cells(paired: dict[str, PairedComparison] | None) -> dict[str, str]:
+def paired_cells(paired: dict[str, PairedComparison] | None,
+                 seed_level: dict[str, SeedComparison] | None = None) -> dict[str, str]:
     """The paired comparison's CSV cells (empty for rows without one)."""
     cells = {}
     for metric, digits in (("psnr", 2), ("ssim", 3)):
         c = (paired or {}).get(metric)
+        w = (seed_level or {}).get(metric)
         name = metric.upper()
         cells.update({f"{name} diff vs dense": "" if c is None else f"{c.mean_difference:+.{digits}f}",
                       f"{name} diff 95% t-CI": "" if c is None else _interval(c.t_ci, digits, ""),
                       f"{name} diff 95% bootstrap CI": "" if c is None else _interval(c.bootstrap_ci, digits, ""),
                       f"{name} Wilcoxon p": "" if c is None else f"{c.wilcoxon_p:.3g}",
-                      f"{name} distinguishable": "" if c is None else ("yes" if c.distinguishable else "no")})
+                      f"{name} distinguishable": "" if c is None else ("yes" if c.distinguishable else "no"),
+                      f"{name} seed-level Welch p": "" if w is None or w.p_value is None else f"{w.p_value:.3g}"})
     return cells
 
 
@@ -224,29 +231,36 @@ PAIRED_COLUMNS = list(paired_cells(None))
 
 
 def paired_table(labels: list[str], dense_of: dict[str, str], paired: dict[str, dict[str, PairedComparison]],
-                 n_seeds: int, acc: int) -> list[str]:
+                 n_seeds: int, acc: int, seed_level: dict[str, dict[str, SeedComparison]] | None = None) -> list[str]:
     """The markdown section with every Kronecker row's paired comparison with its dense row."""
     if not paired:
         return []
+    several = n_seeds > 1 and bool(seed_level)
     lines = [f"## Kronecker minus dense, paired over the test volumes ({acc}x, {n_seeds} seed"
              f"{'s' if n_seeds > 1 else ''})", "",
              "| Kronecker row | Dense row | Volumes | PSNR diff (dB) | 95 % t-CI | 95 % bootstrap CI | Wilcoxon p | "
-             "SSIM diff | 95 % t-CI | Wilcoxon p | PSNR difference |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "SSIM diff | 95 % t-CI | Wilcoxon p | PSNR difference |"
+             + (" Over seeds: PSNR (Welch) |" if several else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if several else "")]
     for label in labels:
         if label not in paired:
             continue
         p, s = paired[label]["psnr"], paired[label]["ssim"]
         lines.append(f"| {label} | {dense_of[label]} | {p.n} | {p.mean_difference:+.2f} | {_interval(p.t_ci, 2)} | "
                      f"{_interval(p.bootstrap_ci, 2)} | {p.wilcoxon_p:.3g} | {s.mean_difference:+.3f} | "
-                     f"{_interval(s.t_ci, 3)} | {s.wilcoxon_p:.3g} | {p.verdict} |")
+                     f"{_interval(s.t_ci, 3)} | {s.wilcoxon_p:.3g} | {p.verdict} |"
+                     + (f" {seed_level[label]['psnr'].format(2)} |" if several else ""))
     notes = sorted({n for comparisons in paired.values() for n in comparisons["psnr"].notes})
     lines += ["", "Differences are Kronecker minus dense on the same test volumes (positive favours Kronecker); "
               + ("each volume's metric is first averaged over the seeds, then the volumes are paired. "
                  if n_seeds > 1 else "one seed per row. ")
               + "t-CI: Student t on the per-volume differences; bootstrap: percentile, 9,999 resamples; Wilcoxon: "
               "two-sided signed-rank (scipy.stats). A difference is called distinguishable from zero only when the "
-              "t-CI excludes 0 and Wilcoxon p < 0.05.", *(f"- {n}" for n in notes), ""]
+              "t-CI excludes 0 and Wilcoxon p < 0.05."
+              + (" The volume-paired test treats the seed-averaged models as fixed; 'Over seeds' asks whether the "
+                 "difference is larger than the seed-to-seed spread: Welch's t-test of the rows' per-seed test "
+                 "means (scipy.stats.ttest_ind), with few seeds a weak test." if several else ""),
+              *(f"- {n}" for n in notes), ""]
     return lines
 
 
@@ -325,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             labels = [label for label, *_ in rows]
             dense_of = {label: dense for label in labels if (dense := dense_row_of(label, rows))}
             paired = {label: compare_rows(over[label], over[dense]) for label, dense in dense_of.items()}
+            seed_level = {label: compare_seed_means(over[label], over[dense]) for label, dense in dense_of.items()}
             for label in labels:
                 row = table_row(label, protocol.name, acc, results[label], over.get(label))
                 lines.append(row)
@@ -332,10 +347,11 @@ def main(argv: list[str] | None = None) -> int:
                                  "Seeds": len(seeds) if label in over else "",
                                  "Std over": "seeds" if label in over and len(seeds) > 1 else
                                  results[label].get("metrics_over") or "volumes",
-                                 **paired_cells(paired.get(label))})
+                                 **paired_cells(paired.get(label), seed_level.get(label))})
                 json_rows.append(json_row(label, protocol.name, acc, results[label], dict(zip(COLUMNS, row)),
-                                          over.get(label), dense_of.get(label), paired.get(label)))
-            sections += paired_table(labels, dense_of, paired, len(seeds), acc)
+                                          over.get(label), dense_of.get(label), paired.get(label),
+                                          seed_level.get(label)))
+            sections += paired_table(labels, dense_of, paired, len(seeds), acc, seed_level)
             comparison_figure(out / f"comparison_{acc}x.png", panels,
                               row_titles=[f"{e['fname']} #{e['slice_num']}" for e in zf_examples],
                               title=f"Test slices at {acc}x, {protocol.name} protocol: reconstructions (top) and "

@@ -90,15 +90,23 @@ def test_table1_kronecker_row_is_paired_with_its_dense_row_over_the_test_volumes
         assert paired["t_ci"] == pytest.approx([diff.mean() - half, diff.mean() + half], abs=1e-12)
         if np.count_nonzero(diff):
             assert paired["wilcoxon_p"] == pytest.approx(stats.wilcoxon(diff).pvalue)
+    # over seeds: Welch's test of the two rows' per-seed means, against scipy on the runs' metrics.json
+    per_seed = {row["zoo_model"]: [json.loads((out / "runs" / "4x" / row["zoo_model"] / f"seed{s}" / "metrics.json")
+                                              .read_text())["psnr_mean"] for s in (0, 1)] for row in (kron, dense)}
+    welch = stats.ttest_ind(per_seed[kron["zoo_model"]], per_seed[dense["zoo_model"]], equal_var=False)
+    assert kron["seed_level"]["psnr"]["p_value"] == pytest.approx(welch.pvalue)
+    assert kron["seed_level"]["psnr"]["mean_difference"] == pytest.approx(
+        np.mean(per_seed[kron["zoo_model"]]) - np.mean(per_seed[dense["zoo_model"]]))
     rows = read_csv(out / "table1.csv")
     kron_csv = next(r for r in rows if r["Model"] == "Kronecker U-Net")
+    assert float(kron_csv["PSNR seed-level Welch p"]) == pytest.approx(welch.pvalue, rel=1e-2)
     assert kron_csv["Seeds"] == "2" and kron_csv["Std over"] == "seeds"
     assert float(kron_csv["PSNR diff vs dense"]) == pytest.approx(kron["paired"]["psnr"]["mean_difference"], abs=0.006)
     assert kron_csv["PSNR distinguishable"] in ("yes", "no") and next(r for r in rows if r["Model"] == "U-Net")[
         "PSNR diff vs dense"] == ""
     md = (out / "table1.md").read_text()
     assert "## Kronecker minus dense, paired over the test volumes (4x, 2 seeds)" in md
-    assert "| Kronecker U-Net | U-Net |" in md
+    assert "| Kronecker U-Net | U-Net |" in md and "Over seeds: PSNR (Welch)" in md
 
 
 def test_runs_are_deterministic_per_seed_and_one_seed_keeps_the_layout(seeds_table, demo_root, tmp_path):
@@ -229,3 +237,36 @@ def test_errorbar_figure(tmp_path):
     assert path.stat().st_size > 1000
     with pytest.raises(ValueError, match="differ in length"):
         errorbar_figure(tmp_path / "g.png", {"p": {"x": ([1, 2], [1.0], [None])}}, xlabel="x", ylabel="y")
+
+
+# ------------------------------------------------------------------------------------ seed-level Welch test
+# Wikipedia, "Welch's t-test", example 2 (two samples of 15 with unequal variances): t = -2.46,
+# p = 0.021 (df printed as 24.99)
+WELCH_A1 = [27.5, 21.0, 19.0, 23.6, 17.0, 17.9, 16.9, 20.1, 21.9, 22.6, 23.1, 19.6, 19.0, 21.7, 21.4]
+WELCH_A2 = [27.1, 22.0, 20.8, 23.4, 23.4, 23.5, 25.8, 22.0, 24.8, 20.2, 21.9, 22.1, 22.9, 20.5, 24.4]
+
+
+def test_compare_over_seeds_against_a_published_welch_example():
+    from kronify.mri.statistics import compare_over_seeds
+
+    c = compare_over_seeds(WELCH_A1, WELCH_A2)
+    assert c.p_value == pytest.approx(0.021, abs=0.001) and c.distinguishable
+    assert c.mean_difference == pytest.approx(np.mean(WELCH_A1) - np.mean(WELCH_A2))
+    # the CI from the Welch-Satterthwaite formula written out with numpy
+    v1, v2 = np.var(WELCH_A1, ddof=1) / 15, np.var(WELCH_A2, ddof=1) / 15
+    df = (v1 + v2) ** 2 / (v1**2 / 14 + v2**2 / 14)
+    assert df == pytest.approx(24.99, abs=0.01)
+    half = stats.t.ppf(0.975, df) * np.sqrt(v1 + v2)
+    assert c.ci == pytest.approx((c.mean_difference - half, c.mean_difference + half))
+    assert "Welch 95 % CI" in c.format() and c.as_dict()["distinguishable"] is True
+
+
+def test_compare_over_seeds_edge_cases():
+    from kronify.mri.statistics import compare_over_seeds
+
+    one = compare_over_seeds([30.0], [29.0, 29.5])
+    assert one.p_value is None and one.ci is None and not one.distinguishable and "one seed" in one.format()
+    same = compare_over_seeds([30.0, 30.0], [30.0, 30.0])
+    assert same.p_value == 1.0 and not same.distinguishable
+    with pytest.raises(ValueError, match="non-finite"):
+        compare_over_seeds([30.0, float("nan")], [29.0, 29.5])

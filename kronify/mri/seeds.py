@@ -8,9 +8,10 @@ layout of a single-seed table is unchanged); with several, seed ``s`` trains int
 :func:`row_over_seeds` reads the runs of a row: each metric's mean ± sample std over seeds
 (:func:`kronify.mri.statistics.summarize_seeds`) and each seed's per-volume values. :func:`compare_rows` pairs
 a Kronecker row with its dense row volume by volume (each volume averaged over seeds first,
-:func:`kronify.mri.statistics.paired_comparison`). Per-volume values follow the run's protocol: fastMRI's volume
-metrics (``per_volume.csv``) when the run scores volumes, the mean of the volume's slice metrics
-(``per_slice.csv``) when it scores slices, as the paper's protocol does.
+:func:`kronify.mri.statistics.paired_comparison`); :func:`compare_seed_means` asks whether the difference
+is larger than the seed-to-seed spread (Welch's t-test of the per-seed means). Per-volume values follow the
+run's protocol: fastMRI's volume metrics (``per_volume.csv``) when the run scores volumes, the mean of the
+volume's slice metrics (``per_slice.csv``) when it scores slices, as the paper's protocol does.
 """
 
 from __future__ import annotations
@@ -26,10 +27,17 @@ from typing import Any
 
 import numpy as np
 
-from kronify.mri.statistics import PairedComparison, SeedSummary, paired_comparison, summarize_seeds
+from kronify.mri.statistics import (
+    PairedComparison,
+    SeedComparison,
+    SeedSummary,
+    compare_over_seeds,
+    paired_comparison,
+    summarize_seeds,
+)
 
-__all__ = ["COMPARED_METRICS", "RowOverSeeds", "compare_rows", "comparison_dicts", "per_volume_values",
-           "row_over_seeds", "seed_list", "seed_run_dir", "train_seeds"]
+__all__ = ["COMPARED_METRICS", "RowOverSeeds", "compare_rows", "compare_seed_means", "comparison_dicts",
+           "per_volume_values", "row_over_seeds", "seed_list", "seed_run_dir", "train_seeds"]
 
 #: Metrics whose Kronecker-minus-dense difference the tables report (higher is better for both).
 COMPARED_METRICS = ("psnr", "ssim")
@@ -134,6 +142,14 @@ def compare_rows(kron: RowOverSeeds, dense: RowOverSeeds,
     return {metric: paired_comparison(kron.per_volume(metric), dense.per_volume(metric)) for metric in metrics}
 
 
-def comparison_dicts(comparisons: Mapping[str, PairedComparison]) -> dict[str, dict[str, Any]]:
-    """JSON-ready form of :func:`compare_rows`' result."""
+def compare_seed_means(kron: RowOverSeeds, dense: RowOverSeeds,
+                       metrics: Sequence[str] = COMPARED_METRICS) -> dict[str, SeedComparison]:
+    """Kronecker minus dense for each metric at the level of seeds: Welch's t-test of the rows' per-seed test
+    means (:func:`kronify.mri.statistics.compare_over_seeds`; no test with one seed)."""
+    return {metric: compare_over_seeds([r[f"{metric}_mean"] for r in kron.runs],
+                                       [r[f"{metric}_mean"] for r in dense.runs]) for metric in metrics}
+
+
+def comparison_dicts(comparisons: Mapping[str, PairedComparison | SeedComparison]) -> dict[str, dict[str, Any]]:
+    """JSON-ready form of :func:`compare_rows`' or :func:`compare_seed_means`' result."""
     return {metric: c.as_dict() for metric, c in comparisons.items()}

@@ -18,6 +18,11 @@ The verdict calls a difference "distinguishable from zero" only when the t-inter
 Wilcoxon p-value is below ``alpha``, so that it does not rest on normality alone; when the two disagree it
 says so. Few volumes limit what can be shown: with n pairs (no ties, no zeros) the smallest two-sided
 Wilcoxon p-value is 2 / 2**n, so n <= 5 can never reach p < 0.05; :attr:`PairedComparison.notes` says so.
+
+The volume-paired test treats the seed-averaged models as fixed: it asks whether the two rows differ on these
+volumes, not whether another set of seeds would give the same sign. :func:`compare_over_seeds` asks that: Welch's
+t-test of the rows' per-seed test means (``scipy.stats.ttest_ind``, unequal variances), i.e. whether the
+difference is larger than the seed-to-seed spread (a weak test with 3 seeds a row).
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
-__all__ = ["PairedComparison", "SeedSummary", "average_over_seeds", "paired_comparison", "summarize_seeds"]
+__all__ = ["PairedComparison", "SeedComparison", "SeedSummary", "average_over_seeds", "compare_over_seeds",
+           "paired_comparison", "summarize_seeds"]
 
 PerVolume = Mapping[str, float]
 
@@ -200,3 +206,52 @@ def paired_comparison(
     else:
         verdict = f"not distinguishable from zero {level}"
     return PairedComparison(n, mean, t_ci, boot_ci, wilcoxon_p, alpha, distinguishable, verdict, tuple(notes))
+
+
+@dataclass(frozen=True)
+class SeedComparison:
+    """Kronecker minus dense over seeds: Welch's t-test of the two rows' per-seed test means."""
+
+    n_kron: int
+    n_dense: int
+    mean_difference: float  # mean of the Kronecker seeds' means minus mean of the dense seeds' means
+    ci: tuple[float, float] | None  # Welch t-CI at 1 - alpha; None with fewer than 2 seeds in a row
+    p_value: float | None  # two-sided; None with fewer than 2 seeds in a row
+    alpha: float
+
+    @property
+    def distinguishable(self) -> bool:
+        """Whether the difference exceeds the seed-to-seed spread at ``alpha``."""
+        return self.p_value is not None and self.p_value < self.alpha
+
+    def format(self, digits: int = 2, unit: str = "") -> str:
+        """``"+0.27 dB (Welch 95 % CI -0.4 to +0.9, p = 0.3, 3 vs 3 seeds)"``."""
+        unit = f" {unit}" if unit else ""
+        if self.p_value is None:
+            return f"{self.mean_difference:+.{digits}f}{unit} (one seed: no seed-level test)"
+        return (f"{self.mean_difference:+.{digits}f}{unit} (Welch {100 * (1 - self.alpha):g} % CI "
+                f"{self.ci[0]:+.{digits}f} to {self.ci[1]:+.{digits}f}, p = {self.p_value:.3g}, "
+                f"{self.n_kron} vs {self.n_dense} seeds)")
+
+    def as_dict(self) -> dict:
+        """JSON-ready numbers."""
+        out = asdict(self)
+        out["ci"] = None if self.ci is None else list(self.ci)
+        out["distinguishable"] = self.distinguishable
+        return out
+
+
+def compare_over_seeds(kron: Sequence[float], dense: Sequence[float], *, alpha: float = 0.05) -> SeedComparison:
+    """Welch's t-test (``scipy.stats.ttest_ind``, ``equal_var=False``) of the Kronecker row's per-seed test
+    means against the dense row's: is the difference larger than what reseeding moves a row by?"""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    k, d = summarize_seeds(kron), summarize_seeds(dense)  # validates both lists
+    diff = k.mean - d.mean
+    if k.n < 2 or d.n < 2:
+        return SeedComparison(k.n, d.n, diff, None, None, alpha)
+    if k.std == 0 and d.std == 0:  # no spread at all: the t statistic is undefined
+        return SeedComparison(k.n, d.n, diff, (diff, diff), 1.0 if diff == 0 else 0.0, alpha)
+    result = stats.ttest_ind(np.asarray(kron, float), np.asarray(dense, float), equal_var=False)
+    low, high = result.confidence_interval(1 - alpha)
+    return SeedComparison(k.n, d.n, diff, (float(low), float(high)), float(result.pvalue), alpha)
