@@ -164,6 +164,7 @@ def test_data_efficiency_seeds(demo_root, tmp_path):
         assert r["over_seeds"]["psnr"]["std"] == pytest.approx(np.std(values, ddof=1), abs=1e-12)
     paired = [r for r in data["rows"] if "paired" in r]
     assert [p["fraction"] for p in paired] == [0.5, 1.0] and all(p["paired"]["psnr"]["n"] >= 2 for p in paired)
+    assert all(p["seed_level"]["psnr"]["n_kron"] == 2 for p in paired)
     md = (out / "data_efficiency.md").read_text()
     assert "## Kronecker minus dense, paired over the test volumes" in md and "Seeds: 0, 1" in md
     assert (out / "psnr_vs_fraction.png").stat().st_size > 1000 and (out / "curves.png").is_file()
