@@ -28,8 +28,8 @@ from torch.nn.utils import parametrize
 from kronify.algebra import resolve_algebra
 from kronify.analysis import Analysis, analyse
 from kronify.config import KronConfig
-from kronify.parametrization import (KronParametrization, build_once_per_call, is_kron, own_kron_parametrizations,
-                                     route_parameter_assignment)
+from kronify.parametrization import (KronParametrization, build_once_per_call, is_kron, link_weight,
+                                     own_kron_parametrizations, unlink)
 from kronify.patterns import Selector
 from kronify.report import ConversionReport, LayerRow, count_params, own_param_count
 
@@ -228,6 +228,8 @@ class _Undo:
             with torch.no_grad():
                 t.set_(data)  # a single-factor right_inverse set_()s the Parameter itself
             owner.__class__, owner._parameters, owner._modules = cls, params, modules
+            if not is_kron(owner):
+                unlink(owner)
         self._saved.clear()
 
 
@@ -241,7 +243,7 @@ def parametrize_weight(target: _Target, settings: dict, warm_start: bool) -> Kro
     std = 0.0 if w.is_meta else float(w.std()) if w.numel() > 1 else float(w.abs().sum())
     p.param_order = list(target.owner._parameters)
     parametrize.register_parametrization(target.owner, target.tensor, p, unsafe=True)
-    route_parameter_assignment(target.owner)
+    link_weight(target.owner, target.tensor)
     if not warm_start:
         plist = target.owner.parametrizations[target.tensor]
         p.cold_start([plist.original0, plist.original1] if p.learned else [plist.original], std)

@@ -15,7 +15,7 @@ import copy
 from torch import nn
 from torch.nn.utils import parametrize
 
-from kronify.parametrization import kron_parametrizations
+from kronify.parametrization import is_kron, kron_parametrizations, plain_reads, unlink
 
 __all__ = ["merge"]
 
@@ -31,10 +31,13 @@ def merge(model: nn.Module, inplace: bool = True) -> nn.Module:
         # that shared class would strip it from every copy, so this module gets a class of its own first
         cls = owner.__class__
         owner.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-        parametrize.remove_parametrizations(owner, name, leave_parametrized=True)
+        with plain_reads():
+            parametrize.remove_parametrizations(owner, name, leave_parametrized=True)
         if name in owner._buffers:  # torch leaves a frozen multi-factor tensor as a buffer
             owner._parameters[name] = nn.Parameter(owner._buffers.pop(name).detach(), trainable)
         owner._parameters[name].requires_grad_(trainable)
         order = {k: i for i, k in enumerate(p.param_order)}  # the layer's own order: weight before bias
         owner._parameters = dict(sorted(owner._parameters.items(), key=lambda kv: order.get(kv[0], len(order))))
+        if not is_kron(owner):
+            unlink(owner)
     return target

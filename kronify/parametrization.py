@@ -15,22 +15,29 @@ weight's first two dims *as stored*: (out, in) for Linear/Conv, (in, out/groups)
 the same. `chunks` splits dim 0 into equal blocks with factors of their own (the packed q/k/v projection
 of nn.MultiheadAttention: one Kronecker sum per projection).
 
-`layer.<name> = W` projects W onto the nearest Kronecker sum (`right_inverse`, float64 SVD).
+`layer.<name> = W` projects W onto the nearest Kronecker sum (`right_inverse`, float64 SVD). Read from
+outside a forward, the weight is a `LinkedWeight`: in-place edits of it (`nn.init.normal_(layer.weight)`,
+`layer.weight.data.normal_()`, `layer.weight[0] = v`) are written back the same way. Inside the forward of a
+converted layer, and while tracing, compiling, exporting or under functorch transforms, it is the plain tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import weakref
 
 import torch
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn.utils import parametrize
 
 from kronify.algebra import LEARNED, algebra_matrices, resolve_algebra
 from kronify.kron import _kron_weight, check_kron_dims, nearest_kronecker, project_kronecker
 
-__all__ = ["KronParametrization", "is_kron", "kron_param_count", "kron_parametrizations", "own_kron_parametrizations"]
+__all__ = ["KronParametrization", "LinkedWeight", "is_kron", "kron_param_count", "kron_parametrizations",
+           "own_kron_parametrizations", "plain_reads"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -180,10 +187,125 @@ def _assign(self: nn.Module, name: str, value) -> None:
     type(self).__mro__[1].__setattr__(self, name, value)
 
 
-def route_parameter_assignment(module: nn.Module) -> None:
-    """Install `_assign` on a parametrized module's own class (torch makes one class per module)."""
-    if parametrize.is_parametrized(module) and "__setattr__" not in vars(type(module)):
-        type(module).__setattr__ = _assign
+# ---- reads from outside forward: in-place edits are written back ----------------------------------------
+_depth = 0  # forward calls of converted layers now running: reads inside them get the plain tensor
+_NOT_EDITS = {"requires_grad_", "share_memory_", "detach_", "rename_"}
+_IN_PLACE_DUNDERS = {"__setitem__", "__iadd__", "__iand__", "__idiv__", "__ifloordiv__", "__ilshift__", "__imod__",
+                     "__imul__", "__ior__", "__ipow__", "__irshift__", "__isub__", "__itruediv__", "__ixor__"}
+
+
+class LinkedWeight(Tensor):
+    """A Kronecker weight read from outside forward: the built tensor (same values and autograd graph), linked
+    to its layer. After an in-place edit of it (a method ending in "_", nn.init.*_, `w[i] = v`, `.data = v`,
+    `out=`, `inplace=True`) the edited value is written back, `layer.<name> = edited`, i.e. projected onto the
+    nearest Kronecker sum; `.data` is linked too. Every other op returns plain tensors."""
+
+    @classmethod
+    def link(cls, W: Tensor, owner: nn.Module, name: str, fresh: bool) -> "LinkedWeight":
+        """W as a LinkedWeight: retyped in place when it is a fresh temporary, else a new alias."""
+        if fresh:
+            W.__class__ = cls  # no alias node in the graph: grad_fn stays what the build made
+        else:
+            W = W.as_subclass(cls)
+        W._kron_owner, W._kron_name = weakref.ref(owner), name
+        return W
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if func == Tensor.data.__get__:
+            owner = first._kron_owner()
+            return out if owner is None else cls.link(out, owner, first._kron_name, fresh=True)
+        edited = kwargs.get("out")
+        if not isinstance(edited, LinkedWeight):
+            name = getattr(func, "__name__", "")
+            edits = (name in _IN_PLACE_DUNDERS or func == Tensor.data.__set__ or kwargs.get("inplace") is True
+                     or (name.endswith("_") and not name.startswith("_") and name not in _NOT_EDITS))
+            edited = first if edits and isinstance(first, LinkedWeight) else None
+        if edited is not None:
+            edited._write_back()
+        return out
+
+    def _write_back(self) -> None:
+        owner = self._kron_owner()
+        if owner is not None and parametrize.is_parametrized(owner, self._kron_name):
+            setattr(owner, self._kron_name, self.detach())
+
+    def __deepcopy__(self, memo):  # a copy is not linked
+        return copy.deepcopy(self.detach(), memo)
+
+    def __reduce_ex__(self, protocol):  # pickles as a plain tensor (the link is a weak reference)
+        return self.detach().__reduce_ex__(protocol)
+
+
+def _tracing() -> bool:
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing() or is_fx_symbolic_tracing()
+            or torch.onnx.is_in_onnx_export() or torch._C._are_functorch_transforms_active()
+            or torch._C._len_torch_dispatch_stack() > 0)
+
+
+def _linked_getter(fget, name: str):
+    def get(self: nn.Module) -> Tensor:
+        W = fget(self)
+        if _depth or type(W) is not Tensor or _tracing():
+            return W
+        return LinkedWeight.link(W, self, name, fresh=W.grad_fn is not None and not parametrize._cache_enabled)
+
+    get._kron_linked = True
+    return get
+
+
+@contextlib.contextmanager
+def plain_reads():
+    """Within it, reads of Kronecker weights return plain tensors (as inside a converted layer's forward)."""
+    global _depth
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+
+
+def _enter_forward(module: nn.Module, args) -> None:
+    global _depth
+    if not torch.compiler.is_compiling():
+        _depth += 1
+
+
+def _exit_forward(module: nn.Module, args, output) -> None:
+    global _depth
+    if not torch.compiler.is_compiling():
+        _depth = max(_depth - 1, 0)  # never below 0, should a hook before ours have raised
+
+
+def link_weight(owner: nn.Module, name: str) -> None:
+    """Make `owner.<name>` (just parametrized) a linked read outside forward: `_assign` on the owner's own class
+    (torch makes one class per parametrized module), the reading property wrapped, forward hooks counting
+    the calls. A tensor under another parametrization (owner a ParametrizationList) is left as it is."""
+    if isinstance(owner, parametrize.ParametrizationList):
+        return
+    cls = type(owner)
+    if "__setattr__" not in vars(cls):
+        cls.__setattr__ = _assign
+    prop = vars(cls)[name]
+    if not getattr(prop.fget, "_kron_linked", False):
+        setattr(cls, name, property(_linked_getter(prop.fget, name), prop.fset))
+    if _enter_forward not in owner._forward_pre_hooks.values():
+        owner.register_forward_pre_hook(_enter_forward)
+        owner.register_forward_hook(_exit_forward, always_call=True)
+
+
+def unlink(module: nn.Module) -> None:
+    """Remove the forward hooks of `link_weight` and `build_once_per_call` (a layer back to plain)."""
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key, hook in list(hooks.items()):
+            if hook in (_enter_forward, _exit_forward, _enter_cached, _exit_cached):
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
+    module.__dict__.pop("_kron_build_once", None)
 
 
 def _enter_cached(module: nn.Module, args) -> None:

@@ -159,9 +159,9 @@ def test_eval_cache_is_used_also_under_autocast_and_never_stale():
     layer.eval()
     with torch.no_grad():
         w1 = layer.weight
-        assert layer.weight is w1
+        assert layer.weight.data_ptr() == w1.data_ptr()  # the cached tensor (read outside forward: an alias of it)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert layer.weight is w1  # the built weight is float32 and is reused under autocast
+            assert layer.weight.data_ptr() == w1.data_ptr()  # the built weight is float32 and reused under autocast
         F.mul_(-1)  # an in-place factor edit (optimizer step)
         torch.testing.assert_close(layer.weight, -w1, rtol=0, atol=0)
     assert layer.weight is not w1 and layer.weight.requires_grad  # grad mode: built afresh
@@ -350,7 +350,7 @@ def test_cuda_autocast_builds_in_float32_and_keeps_the_eval_cache(dtype):
     model.eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
         w = model[0].weight
-        assert model[0].weight is w
+        assert model[0].weight.data_ptr() == w.data_ptr()
         torch.testing.assert_close(model(x).float(), kronify.merge(copy.deepcopy(model))(x).float(), rtol=2e-2,
                                    atol=2e-2)
 
@@ -379,3 +379,107 @@ def test_conversion_on_the_meta_device_gives_factor_shapes_only():
     assert model[0].weight.shape == (8, 4, 3, 3)
     model.to_empty(device="cpu")
     assert model[0](torch.randn(1, 4, 5, 5)).shape == (1, 8, 3, 3)
+
+
+# ---- in-place edits of the weight read from outside forward ----------------------------------------------
+EDITABLE = {
+    "linear": (lambda: nn.Linear(8, 6, dtype=torch.float64), "weight", (3, 8)),
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3, padding=1, dtype=torch.float64), "weight", (2, 4, 5, 5)),
+    "convT2d": (lambda: nn.ConvTranspose2d(4, 6, 2, stride=2, dtype=torch.float64), "weight", (2, 4, 3, 3)),
+    "mha_packed": (lambda: nn.MultiheadAttention(8, 2, dtype=torch.float64), "in_proj_weight", (5, 8)),
+}
+
+
+def _output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer(x, x, x)[0] if isinstance(layer, nn.MultiheadAttention) else layer(x)
+
+
+def _nearest(layer: nn.Module, name: str, W: torch.Tensor) -> torch.Tensor:
+    """The nearest Kronecker sum to W, per chunk of dim 0, from kronify.nearest_kronecker (via torch.kron)."""
+    p = layer.parametrizations[name][0]
+    parts = []
+    for w in W.chunk(p.chunks):
+        A, F, _ = nearest_kronecker(w, p.n, p.terms)
+        parts.append(reference_weight(A, F))
+    return torch.cat(parts)
+
+
+EDITS = {
+    "init.normal_": lambda w: nn.init.normal_(w, std=0.3),
+    "init.uniform_": lambda w: nn.init.uniform_(w, -0.5, 0.5),
+    "init.kaiming_uniform_": lambda w: nn.init.kaiming_uniform_(w, a=1.0),
+    "init.zeros_": nn.init.zeros_,
+    "data.normal_": lambda w: w.data.normal_(),
+    "no_grad mul_": lambda w: w.mul_(-3.0),
+    "setitem": lambda w: w.__setitem__(0, 1.5),
+    "copy_": lambda w: w.copy_(torch.randn_like(w)),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITS))
+@pytest.mark.parametrize("kind", list(EDITABLE))
+def test_in_place_edit_of_the_weight_is_written_back_as_the_nearest_kronecker_sum(kind, edit):
+    factory, name, xshape = EDITABLE[kind]
+    torch.manual_seed(0)
+    layer = convert_one(factory())
+    x = torch.randn(xshape, dtype=torch.float64)
+    y = _output(layer, x)
+    with torch.no_grad():
+        w = getattr(layer, name)
+        EDITS[edit](w)
+        written = w.detach().clone()
+    assert is_kron(layer)
+    torch.testing.assert_close(getattr(layer, name), _nearest(layer, name, written))
+    assert not torch.allclose(_output(layer, x), y)
+    if edit == "init.zeros_":
+        assert torch.count_nonzero(getattr(layer, name)) == 0
+
+
+def test_full_rank_write_is_exact_and_data_assignment_writes_back():
+    torch.manual_seed(0)
+    layer = convert_one(nn.Conv2d(4, 6, 3, dtype=torch.float64), terms=4)
+    W = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    layer.weight.data.copy_(W)
+    torch.testing.assert_close(layer.weight, W, rtol=1e-12, atol=1e-12)
+    layer.weight.data = 2 * W
+    torch.testing.assert_close(layer.weight, 2 * W, rtol=1e-12, atol=1e-12)
+
+
+def test_gradients_through_a_weight_read_outside_forward_reach_the_factors():
+    torch.manual_seed(0)
+    layer = convert_one(nn.Linear(8, 6, dtype=torch.float64))
+    A, F, _ = factors(layer)
+    layer.weight.pow(2).sum().backward()
+    a, f = A.detach().requires_grad_(), F.detach().requires_grad_()
+    gA, gF = torch.autograd.grad(reference_weight(a, f.view(2, 3, 4)).pow(2).sum(), [a, f])  # via torch.kron
+    torch.testing.assert_close(A.grad, gA)
+    torch.testing.assert_close(F.grad, gF)
+
+
+def test_reads_inside_forward_are_plain_tensors(monkeypatch):
+    layer = convert_one(nn.Linear(8, 6))
+    seen = []
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: seen.append(type(w)) or linear(x, w, b))
+    layer.register_forward_pre_hook(lambda m, args: seen.append(type(m.weight)))
+    layer(torch.randn(2, 8))
+    assert seen == [torch.Tensor, torch.Tensor]
+    assert type(layer.weight) is kronify.parametrization.LinkedWeight  # outside forward: linked
+
+
+def test_hugging_face_style_init_loop_and_merge_gives_plain_tensors():
+    """At terms = n² every weight is a Kronecker sum, so the written init is kept exactly (at fewer terms it is
+    its nearest Kronecker sum, whose std is smaller: the projection drops the energy of the other terms)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.MultiheadAttention(64, 4))
+    kronify.convert(model, terms=4)
+    for module in model.modules():  # transformers' _init_weights idiom
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(mean=0.0, std=0.02)
+    stds = [float(m.weight.std()) for m in model.modules() if isinstance(m, nn.Linear)]
+    assert all(s == pytest.approx(0.02, rel=0.15) for s in stds), stds
+    kronify.merge(model)
+    for t in [*model.parameters(), *model.state_dict().values()]:
+        assert type(t) in (torch.Tensor, nn.Parameter)
+    assert not model[0]._forward_pre_hooks and not model[3]._forward_pre_hooks
+    assert type(model[0].weight) is nn.Parameter and type(model[3].in_proj_weight) is nn.Parameter
