@@ -21,6 +21,7 @@ from kronify.mri.data import DataError, SliceSubset, build_datasets
 from kronify.mri.masks import draw_fixed_mask
 from kronify.mri.metrics import MetricsAccumulator
 from kronify.mri.protocol import PROTOCOLS, get_protocol
+from np_reference import complex_np, np_crop, np_fft2c, np_ifft2c
 
 CROP = 32  # conftest demo data: k-space 64x40, files built with a 32x32 crop, 6 slices per volume
 
@@ -33,22 +34,6 @@ OFFICIAL_4X = [14, 15, 16, 24, 26, 34, 43, 47, 53, 55, 60, 61, 63, 67, 69, 75, 7
                268, 283, 285, 291, 296, 303, 306, 307, 309, 311, 312, 313]
 
 
-def np_fft2c(x: np.ndarray) -> np.ndarray:
-    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
-
-
-def np_ifft2c(k: np.ndarray) -> np.ndarray:
-    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
-
-
-def np_crop(x: np.ndarray, size: int) -> np.ndarray:
-    h, w = x.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return x[..., top : top + size, left : left + size]
-
-
-def complex_np(x: torch.Tensor) -> np.ndarray:
-    return x[0].double().numpy() + 1j * x[1].double().numpy()
 
 
 def read_kspace(root: Path, fname: str) -> tuple[np.ndarray, dict]:

@@ -21,26 +21,11 @@ from kronify.mri.data import build_datasets
 from kronify.mri.schedules import make_schedule
 from kronify.mri.training import ReconDataModule, ReconModule, ZeroFilledStart, make_trainer
 from kronify.mri.transform import MRITransform
+from np_reference import complex_np, np_crop, np_fft2c, np_ifft2c
 
 CROP = 32  # conftest demo data: k-space 64x40, files built with a 32x32 crop, 6 slices per volume
 
 
-def np_fft2c(x: np.ndarray) -> np.ndarray:
-    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
-
-
-def np_ifft2c(k: np.ndarray) -> np.ndarray:
-    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
-
-
-def np_crop(x: np.ndarray, size: int) -> np.ndarray:
-    h, w = x.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
-    return x[..., top : top + size, left : left + size]
-
-
-def complex_np(x: torch.Tensor) -> np.ndarray:
-    return x[0].double().numpy() + 1j * x[1].double().numpy()
 
 
 def one_slice(root: Path) -> tuple[np.ndarray, str]:

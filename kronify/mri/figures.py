@@ -93,6 +93,22 @@ def comparison_figure(
     _save(fig, path)
 
 
+def _finish_panel(ax: plt.Axes, references: Mapping[str, float], xlabel: str, ylabel: str) -> None:
+    """Horizontal reference lines ``{label: y}``, axis labels, grid and legend of one panel."""
+    for label, y in references.items():
+        ax.axhline(y, color="grey", linestyle=":", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _finish_figure(fig: plt.Figure, title: str, path: str | os.PathLike) -> None:
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
 def curves_figure(
     path: str | os.PathLike,
     panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
@@ -118,15 +134,8 @@ def curves_figure(
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, styles.get(label, "-o"), label=label, markersize=3)
-        for label, y in references.get(ylabel, {}).items():
-            ax.axhline(y, color="grey", linestyle=":", label=label)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+        _finish_panel(ax, references.get(ylabel, {}), xlabel, ylabel)
+    _finish_figure(fig, title, path)
 
 
 def errorbar_figure(
@@ -159,17 +168,10 @@ def errorbar_figure(
                                  f"{len(std)})")
             bars = None if all(s is None for s in std) else [0.0 if s is None else s for s in std]
             ax.errorbar(x, mean, yerr=bars, fmt=styles.get(label, "-o"), label=label, markersize=4, capsize=3)
-        for label, y in references.get(panel, {}).items():
-            ax.axhline(y, color="grey", linestyle=":", label=label)
         ax.set_xscale(xscale)
         if xticks is not None:
             ax.set_xticks(list(xticks))
             ax.set_xticklabels([f"{t:g}" for t in xticks])
         ax.set_title(panel, fontsize=9)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+        _finish_panel(ax, references.get(panel, {}), xlabel, ylabel)
+    _finish_figure(fig, title, path)
