@@ -97,11 +97,11 @@ class KronParametrization(nn.Module):
                 A, F = A.float(), F.float()
             A = A.to(F.dtype)
             t, p = self.terms, F.shape[0] // (self.chunks * self.terms)
-            Fc = F.reshape(self.chunks, t, p, *F.shape[1:])
-            Ac = A.reshape(self.chunks, t, self.n, self.n)
-            if self.chunks == 1:
-                W = _kron_weight(Ac[0], Fc[0])
+            if self.chunks == 1:  # reshapes only: their backward is a view (indexing chunk 0 would copy the grad)
+                W = _kron_weight(A.reshape(t, self.n, self.n), F.reshape(t, p, *F.shape[1:]))
             else:
+                Fc = F.reshape(self.chunks, t, p, *F.shape[1:])
+                Ac = A.reshape(self.chunks, t, self.n, self.n)
                 W = torch.cat([_kron_weight(a, f) for a, f in zip(Ac, Fc)])
         return W.to(dtype)
 
