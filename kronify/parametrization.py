@@ -149,9 +149,6 @@ class KronParametrization(nn.Module):
         self._cache = None
         self.fit_error = None
 
-    def param_count(self) -> int:
-        return kron_param_count(self.shape, self.n, self.terms, chunks=self.chunks, learned=self.learned)
-
     def build_flops(self) -> int:
         """FLOPs of one build of W: 2·terms per entry (a multiply-add per term)."""
         return 2 * self.terms * math.prod(self.shape)
