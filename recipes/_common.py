@@ -38,6 +38,7 @@ import zoo
 from kronify.mri.checkpoint import last_checkpoint
 from kronify.mri.data import SPLITS, DataError, SplitDataset, build_datasets
 from kronify.mri.evaluate import example_indices, reconstruct_examples, write_results, zero_filled_metrics
+from kronify.mri.jobs import default_jobs, run_calls
 from kronify.mri.losses import CompositeLoss
 from kronify.mri.masks import MASK_TYPES
 from kronify.mri.presets import FAMILIES, PRESETS, Preset, get_preset
@@ -104,6 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, variants: bool = True) -> 
     hw.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp, ddp_spawn")
     hw.add_argument("--precision", choices=PRECISIONS, default=None,
                     help="auto = bf16/16-mixed on GPUs, 32-true on CPU (preset default)")
+    hw.add_argument("--jobs", type=int, default=None, metavar="N",
+                    help="train N runs at a time, each in its own process with its share of the torch threads "
+                         "(default: the preset's, 2 for demo, capped at the torch threads; 1 with DDP)")
     parser.add_argument("--out", default=None, help="output folder (default: a folder under out/ named after the recipe "
                         "or model, the preset, the protocol when it is not the preset's, and, for single-model "
                         "recipes, the acceleration)")
@@ -137,6 +141,28 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
     return get_preset(name, batch_size=args.batch_size, lr=args.lr, gamma=args.gamma, val_every=args.val_every,
                       ckpt_every=args.ckpt_every, num_workers=args.num_workers, precision=args.precision,
                       protocol=getattr(args, "protocol", None))
+
+
+def resolve_jobs(args: argparse.Namespace, preset: Preset) -> int:
+    """How many runs train at a time (``--jobs``, else the preset's, capped by kronify.mri.jobs.default_jobs);
+    always 1 for multi-process (DDP) training, which is itself several processes per run."""
+    distributed = str(args.devices) not in ("1", "auto") or args.num_nodes != 1 or args.strategy != "auto"
+    if args.jobs is None:
+        return 1 if distributed else default_jobs(preset.jobs)
+    if args.jobs < 1:
+        raise RecipeError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.jobs > 1 and distributed:
+        raise RecipeError("--jobs > 1 trains single-process runs side by side; it cannot be combined with "
+                          "--devices, --num-nodes or --strategy (DDP)")
+    return args.jobs
+
+
+def train_calls(args: argparse.Namespace, jobs: int, calls: list[tuple[tuple, dict]]) -> list[dict[str, Any]]:
+    """Run :func:`train_and_evaluate` calls ``jobs`` at a time (kronify.mri.jobs.run_calls); side-by-side runs
+    show no progress bars, whose lines would interleave."""
+    if jobs > 1 and not args.no_progress:
+        calls = [((argparse.Namespace(**{**vars(a[0]), "no_progress": True}), *a[1:]), k) for a, k in calls]
+    return run_calls(train_and_evaluate, calls, jobs)
 
 
 def default_out(stem: str, preset: Preset, suffix: str = "") -> Path:
@@ -263,7 +289,7 @@ def train_and_evaluate(
                          ema_decay=preset.ema_decay, protocol=protocol.name, schedule=preset.schedule,
                          warmup=preset.warmup_steps(max_steps))
     ds = dict(data.datasets)
-    patch = spec.train_patch if protocol.name == "paper" else None  # the official code's SwinMR patches
+    patch = spec.train_patch  # e.g. the official code's SwinMR patches; evaluation stays on whole slices
     if patch is not None:
         if getattr(model, "needs_kspace", False):
             raise RecipeError(f"{name} uses k-space (data consistency) and cannot train on {patch}x{patch} patches")
@@ -322,10 +348,11 @@ def run_recipe(family: str, argv: Sequence[str] | None = None, description: str 
         data = prepare_data(args, preset, out / "split.json", args.acceleration)
         zero_filled = zero_filled_metrics(data.datasets["test"], preset.eval_batch_size) if _is_global_zero() else None
         start = time.perf_counter()
-        for n in variants:
-            run_out = out if len(variants) == 1 else out / variant_name(preset.model(family).zoo_name, n, args.algebra)
-            train_and_evaluate(args, preset, data, family, n, args.algebra, args.acceleration, run_out,
-                               zero_filled=zero_filled)
+        run_outs = [out if len(variants) == 1 else out / variant_name(preset.model(family).zoo_name, n, args.algebra)
+                    for n in variants]
+        train_calls(args, resolve_jobs(args, preset),
+                    [((args, preset, data, family, n, args.algebra, args.acceleration, run_out),
+                      {"zero_filled": zero_filled}) for n, run_out in zip(variants, run_outs)])
         if _is_global_zero() and len(variants) > 1:
             print(f"trained {len(variants)} variants in {time.perf_counter() - start:.0f} s under {out}")
     except RecipeError as err:

@@ -35,8 +35,9 @@ from _common import (
     check_variant,
     default_out,
     prepare_data,
+    resolve_jobs,
     resolve_preset,
-    train_and_evaluate,
+    train_calls,
     variant_name,
 )
 from kronify.mri.data import SliceSubset
@@ -133,17 +134,18 @@ def main(argv: list[str] | None = None) -> int:
         row_dir = lambda fraction, family, n: (  # noqa: E731
             out / "runs" / f"{fraction:g}" / variant_name(preset.model(family).zoo_name, n, "learned"))
         # seed by seed, so that a study stopped early holds complete seeds (rerun with --resume --seeds K)
+        calls = []
         for seed in seeds:
             for family in families:
                 for fraction in fractions:
                     part = subset(data, fraction, seed, protocol.train_subset)
                     for n in (0, args.kron_n):
                         run_dir = seed_run_dir(row_dir(fraction, family, n), seed, len(seeds))
-                        if args.resume and (run_dir / "metrics.json").is_file():
-                            continue
-                        if not train_and_evaluate(argparse.Namespace(**{**vars(args), "seed": seed}), preset, part,
-                                                  family, n, "learned", args.acceleration, run_dir, zero_filled=zf):
-                            return 0  # a non-zero DDP rank: rank 0 writes the tables
+                        if not (args.resume and (run_dir / "metrics.json").is_file()):
+                            calls.append(((argparse.Namespace(**{**vars(args), "seed": seed}), preset, part, family,
+                                           n, "learned", args.acceleration, run_dir), {"zero_filled": zf}))
+        if not all(train_calls(args, resolve_jobs(args, preset), calls)):
+            return 0  # a non-zero DDP rank: rank 0 writes the tables
         rows, paired_rows, loss_curves, psnr_curves, points, numbers = [], [], {}, {}, {}, []
         for family in families:
             spec = preset.model(family)

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from _common import (
     RecipeError,
@@ -42,7 +43,8 @@ from _common import (
     default_out,
     prepare_data,
     resolve_preset,
-    train_and_evaluate,
+    resolve_jobs,
+    train_calls,
     variant_name,
 )
 from kronify.mri.evaluate import (
@@ -54,6 +56,7 @@ from kronify.mri.evaluate import (
 )
 from kronify.mri.figures import comparison_figure, curves_figure
 from kronify.mri.metrics import METRICS, MetricsAccumulator
+from kronify.mri.presets import Preset
 from kronify.mri.protocol import get_protocol
 from kronify.mri.seeds import (
     RowOverSeeds,
@@ -63,7 +66,6 @@ from kronify.mri.seeds import (
     row_over_seeds,
     seed_list,
     seed_run_dir,
-    train_seeds,
 )
 from kronify.mri.statistics import PairedComparison, SeedComparison, SeedSummary
 
@@ -127,16 +129,21 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def select_rows(models: str | None) -> list[tuple[str, str | None, int, str]]:
-    """Zero-filling plus every row of the comma-separated model families in ``models`` (None: every row)."""
+def select_rows(models: str | None, preset: Preset) -> list[tuple[str, str | None, int, str]]:
+    """Zero-filling plus the preset's default rows (``Preset.table_rows``; every row when it names none),
+    narrowed to the comma-separated model families in ``models``; a family the defaults leave out (e.g. the
+    demo's ``unet_ddpm``) brings every row of its own."""
+    default = [row for row in ROWS[1:] if preset.table_rows is None or row[0] in preset.table_rows]
     if models is None:
-        return list(ROWS)
+        return [ROWS[0], *default]
     families = [f.strip() for f in models.split(",") if f.strip()]
     known = sorted({family for _, family, *_ in ROWS if family})
     unknown = [f for f in families if f not in known]
     if unknown or not families:
         raise RecipeError(f"--models takes model families separated by commas, from {known}; got {models!r}")
-    return [row for row in ROWS if row[1] is None or row[1] in families]
+    in_default = {row[1] for row in default}
+    return [row for row in ROWS if row[1] is None or
+            (row[1] in families and (row in default or row[1] not in in_default))]
 
 
 def dense_row_of(label: str, rows: list[tuple[str, str | None, int, str]]) -> str | None:
@@ -279,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="train every row with N seeds (--seed, --seed + 1, ...): rows report mean ± std over "
                              "seeds, runs go to runs/<acc>x/<model>/seed<s>/ when N > 1")
     parser.add_argument("--models", default=None, metavar="FAMILY[,FAMILY...]",
-                        help="run only the rows of these model families (zero-filling always), e.g. "
-                             "unet_ddpm,swinmr,modl for the paper's U-Net, SwinMR and MoDL, dense and Kronecker")
+                        help="run only the preset's rows of these model families (zero-filling always; a family "
+                             "the preset's default rows leave out brings all its rows), e.g. unet,swinmr,modl")
     parser.set_defaults(acceleration=None)  # the shared single-run flag; table1 takes --accelerations
     args = parser.parse_args(argv)
     if args.acceleration is not None:
@@ -292,9 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.seeds < 1:
             raise RecipeError(f"--seeds must be >= 1, got {args.seeds}")
-        rows = select_rows(args.models)
         seeds = seed_list(args.seed, args.seeds)
         preset = resolve_preset(args)
+        rows = select_rows(args.models, preset)
+        jobs = resolve_jobs(args, preset)
         protocol = get_protocol(preset.protocol)
         out = Path(args.out) if args.out else default_out("table1", preset)
         accelerations = args.accelerations or list(preset.accelerations)
@@ -311,21 +319,21 @@ def main(argv: list[str] | None = None) -> int:
             panels = [{"target": _magnitude(e["target"]), "zero-filled": _magnitude(e["zero_filled"])}
                       for e in zf_examples]
             histories: dict[str, dict[str, tuple[list, list]]] = {}
+            row_dirs = {label: out / "runs" / f"{acc}x" / variant_name(preset.model(family).zoo_name, kron_n, algebra)
+                        for label, family, kron_n, algebra in rows[1:]}
+            calls = []
             for label, family, kron_n, algebra in rows[1:]:
-                spec = preset.model(family)
-                row_dir = out / "runs" / f"{acc}x" / variant_name(spec.zoo_name, kron_n, algebra)
-
-                def train(seed: int, run_dir: Path, family=family, kron_n=kron_n, algebra=algebra):
-                    return train_and_evaluate(argparse.Namespace(**{**vars(args), "seed": seed}), preset, data,
-                                              family, kron_n, algebra, acc, run_dir, zero_filled=zf_acc)
-
-                if args.resume:
-                    for seed in seeds:
-                        if (seed_run_dir(row_dir, seed, len(seeds)) / "metrics.json").is_file():
-                            print(f"{label} {acc}x seed {seed}: reusing its finished run", flush=True)
-                run_dirs = train_seeds(train, row_dir, seeds, reuse=args.resume)
-                if run_dirs is None:  # a non-zero rank in DDP: rank 0 writes the table
-                    continue
+                for seed in seeds:
+                    run_dir = seed_run_dir(row_dirs[label], seed, len(seeds))
+                    if args.resume and (run_dir / "metrics.json").is_file():
+                        print(f"{label} {acc}x seed {seed}: reusing its finished run", flush=True)
+                        continue
+                    calls.append(((argparse.Namespace(**{**vars(args), "seed": seed}), preset, data, family, kron_n,
+                                   algebra, acc, run_dir), {"zero_filled": zf_acc}))
+            if not all(train_calls(args, jobs, calls)):  # a non-zero rank in DDP: rank 0 writes the table
+                continue
+            for label, family, kron_n, algebra in rows[1:]:
+                run_dirs = [seed_run_dir(row_dirs[label], seed, len(seeds)) for seed in seeds]
                 over[label] = row_over_seeds(run_dirs, seeds)
                 results[label] = over[label].first
                 ex = np.load(run_dirs[0] / "examples.npz")
@@ -334,8 +342,6 @@ def main(argv: list[str] | None = None) -> int:
                 history = json.loads((run_dirs[0] / "history.json").read_text())
                 histories.setdefault(family, {})[label] = ([h["step"] for h in history],
                                                            [h["val_psnr"] for h in history])
-            if len(results) < len(rows):  # a non-zero rank in DDP
-                continue
             labels = [label for label, *_ in rows]
             dense_of = {label: dense for label in labels if (dense := dense_row_of(label, rows))}
             paired = {label: compare_rows(over[label], over[dense]) for label, dense in dense_of.items()}
@@ -371,10 +377,21 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         wall = time.perf_counter() - start
         write_table(out, preset, lines, csv_rows, json_rows, accelerations, notes, data.is_demo, wall, argv,
-                    reconciliation, seeds=seeds, sections=sections)
+                    reconciliation, seeds=seeds, sections=sections, jobs=jobs)
     except RecipeError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     return 0
+
+
+def unet_rows_note(labels: set[str]) -> str:
+    """What the table's U-Net rows are (the paper's DDPM-style U-Net, fastMRI's, or both)."""
+    ddpm = "U-Net" in labels or "Kronecker U-Net" in labels
+    fastmri = any(label.startswith(("U-Net (fastMRI)", "Kronecker U-Net (fastMRI")) for label in labels)
+    parts = (["`U-Net`/`Kronecker U-Net` are the paper's DDPM-style U-Net (zoo `unet_ddpm`, Kronecker version as the "
+              "official PHUNet)"] if ddpm else []) + (["`U-Net (fastMRI)` rows are fastMRI's U-Net"] if fastmri else [])
+    if fastmri and not ddpm:
+        parts.append("the paper's DDPM-style U-Net rows run with `--models unet_ddpm`")
+    return "- U-Net rows: " + "; ".join(parts) + "." if parts else "- U-Net rows: none in this table."
 
 
 def reconciliation_note(preset) -> list[str]:
@@ -407,7 +424,8 @@ def protocol_note(protocol) -> str:
 
 def write_table(out: Path, preset, lines: list[list[str]], csv_rows: list[dict], json_rows: list[dict],
                 accelerations: list[int], notes: list, is_demo: bool, wall: float, argv: list[str] | None,
-                reconciliation: list[str] = (), *, seeds: list[int] = (0,), sections: list[str] = ()) -> None:
+                reconciliation: list[str] = (), *, seeds: list[int] = (0,), sections: list[str] = (),
+                jobs: int = 1) -> None:
     """table1.md (with the command, machine, caveats and the paired comparisons in ``sections``), table1.csv,
     table1.json, and the table on stdout."""
     protocol = get_protocol(preset.protocol)
@@ -445,9 +463,10 @@ def write_table(out: Path, preset, lines: list[list[str]], csv_rows: list[dict],
         f"- SSIM/PSNR/phase error: mean (std) over test {'slices' if protocol.metric_scope == 'slice' else 'volumes'}"
         ", fastMRI's metric functions on magnitudes, data range from the scored target (see the protocol line); "
         "phase error = mean |wrapped phase difference| where |target| > 10% of the slice max.",
-        "- U-Net rows: `U-Net`/`Kronecker U-Net` are the paper's DDPM-style U-Net (zoo `unet_ddpm`, Kronecker "
-        "version as the official PHUNet); `U-Net (fastMRI)` rows are fastMRI's U-Net.",
-        "- Train time: wall time of training incl. validation. Every model is evaluated with its EMA weights.",
+        unet_rows_note({row[0] for row in lines}),
+        "- Train time: wall time of training incl. validation. Every model is evaluated with its EMA weights."
+        + (f" {jobs} runs trained at a time (`--jobs`), each in its own process with "
+           f"{max(1, torch.get_num_threads() // jobs)} torch thread(s)." if jobs > 1 else ""),
         "- Paper columns: the paper's Table 1 as published (it does not state the acceleration; the official "
         "configurations run 8x; it has no dense U-Net, SwinMR, MoDL, Kronecker MoDL, fastMRI U-Net or "
         "complex-algebra rows).",

@@ -201,6 +201,8 @@ def test_mask_flags_reach_the_data(demo_root, tmp_path):
     (["--kron-n", "1"], "--kron-n must be 0 (dense) or >= 2"),
     (["--kron-n", "4", "--algebra", "complex"], "--algebra complex is the n = 2 algebra"),
     (["--max-steps", "0"], "--max-steps must be >= 1"),
+    (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--jobs", "2", "--devices", "2"], "--jobs > 1 trains single-process runs side by side"),
     (["--data-path", "/nonexistent/fastmri"], "does not exist"),
 ])
 def test_bad_flags_give_clear_errors(demo_root, tmp_path, capsys, argv, message):
@@ -244,3 +246,63 @@ def test_table1_rejects_the_single_run_acceleration_flag(capsys):
         table1.main(["--acceleration", "8"])
     assert exc.value.code == 2
     assert "use --accelerations" in capsys.readouterr().err
+
+
+def test_table1_trains_rows_side_by_side_with_the_same_results(demo_root, tmp_path):
+    """--jobs 2 (two worker processes of one torch thread) gives each seed's run exactly the numbers --jobs 1
+    gives it with one thread; the two seeds' runs differ."""
+    import table1
+    import torch
+
+    per_seed = {}
+    threads = torch.get_num_threads()
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        torch.set_num_threads(1 if jobs == "1" else threads)  # the workers of --jobs 2 get threads // 2 >= 1
+        try:
+            assert table1.main(["--tiny", "--max-steps", "4", "--lr", "0.05", "--models", "modl", "--seeds", "2",
+                                "--jobs", jobs, "--data-path", str(demo_root), "--accelerations", "4",
+                                "--out", str(out), "--no-progress"]) == 0
+        finally:
+            torch.set_num_threads(threads)
+        rows = json.loads((out / "table1.json").read_text())["rows"]
+        per_seed[jobs] = {r["model"]: r["seeds"]["per_seed"]["psnr"] for r in rows if r.get("seeds")}
+    assert set(per_seed["1"]) == {"MoDL", "Kronecker MoDL"}
+    for model, (seed0, seed1) in per_seed["1"].items():
+        if threads <= 3:  # workers of one thread, as in the --jobs 1 run
+            assert per_seed["2"][model] == pytest.approx([seed0, seed1], abs=1e-9), model
+        assert abs(seed0 - seed1) > 1e-3, model  # the comparison can tell runs apart
+
+
+def test_demo_table_rows_and_explicit_families():
+    import table1
+    from kronify.mri.presets import get_preset
+
+    demo = [label for label, *_ in table1.select_rows(None, get_preset("demo"))]
+    assert demo == ["Zero-filled", "LB U-Net", "Efficient U-Net", "U-Net (fastMRI)", "Kronecker U-Net (fastMRI)",
+                    "SwinMR", "Kronecker SwinMR", "MoDL", "Kronecker MoDL"]
+    assert len(table1.select_rows(None, get_preset("tiny"))) == len(table1.ROWS)
+    ddpm = [label for label, *_ in table1.select_rows("unet_ddpm,modl", get_preset("demo"))]
+    assert ddpm == ["Zero-filled", "U-Net", "Kronecker U-Net", "MoDL", "Kronecker MoDL"]
+    fastmri = [label for label, *_ in table1.select_rows("unet", get_preset("demo"))]
+    assert fastmri == ["Zero-filled", "U-Net (fastMRI)", "Kronecker U-Net (fastMRI)"]  # the preset's rows only
+    assert len(table1.select_rows("unet", get_preset("tiny"))) == 4  # tiny runs every row, complex algebra too
+    assert all(label in {lab for lab, *_ in table1.ROWS} for label in get_preset("demo").table_rows)
+
+
+def test_a_presets_training_patches_apply_under_the_fastmri_protocol_too(demo_root, tmp_path, monkeypatch):
+    """The demo's SwinMR trains on patches under fastMRI's transforms and is tested on whole slices."""
+    import dataclasses
+
+    import _common
+    from kronify.mri import presets
+
+    tiny_preset = presets.PRESETS["tiny"]
+    patched = dataclasses.replace(tiny_preset, models={
+        **tiny_preset.models, "swinmr": dataclasses.replace(tiny_preset.models["swinmr"], train_patch=16)})
+    monkeypatch.setitem(presets.PRESETS, "tiny", patched)
+    out = tmp_path / "patch"
+    assert _common.run_recipe("swinmr", tiny(demo_root, out)) == 0
+    metrics = check_run(out, "swinmr_demo", 0)
+    assert metrics["train_patch"] == 16 and metrics["protocol"] == "fastmri"
+    assert metrics["n_slices"] >= 1  # scored on whole 32x32 slices (check_run: every metric finite)

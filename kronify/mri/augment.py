@@ -66,6 +66,12 @@ class AugmentConfig:
             raise ValueError(f"AugmentConfig.elastic_grid must be >= 2, got {self.elastic_grid}")
 
     @classmethod
+    def flips_only(cls, p: float = 0.5) -> AugmentConfig:
+        """Random row and column flips (each with probability ``p``) and nothing else: exact, free, and in the
+        demo's measurements the lever that helped longer runs most (docs/results/demo_table1.md)."""
+        return cls(flip=p, rotation_deg=0.0, zoom=0.0, elastic=0.0, gamma=0.0, bias=0.0, phase=0.0, noise=0.0)
+
+    @classmethod
     def off(cls) -> AugmentConfig:
         """Every lever off (the identity)."""
         return cls(enabled=False)

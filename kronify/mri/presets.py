@@ -9,14 +9,14 @@ trained on random 192×192 patches and the U-Nets on whole slices, a validation 
 steps; its U-Net is the paper's DDPM-style ``unet_ddpm`` (fastMRI's U-Net keeps the family ``unet``). It runs
 8× (the official configurations' acceleration) and 4×, under the ``paper`` protocol by default.
 
-``demo`` is sized so that the whole of ``recipes/table1.py --preset demo`` (eleven trained models plus
-zero-filling) trains in about 12 minutes on 2 CPU cores: 96×96 crops of a demo dataset of 30 short volumes
-(8 slices each, so that ~15 training volumes bring 15 different anatomies and phase maps), small model widths,
-150–600 steps per model, and γ = 0 (no VGG19 weights are shipped; the perceptual term is off and the table
-says so). Three choices make such short runs learn, all stated in the table: the learning rate is 1e-3 (5× the
-paper's; the runs are ~300× shorter), every training sample gets a random global phase (exact for MRI data, see
-:func:`kronify.mri.training.rotate_phase`; without it a real-valued network ties itself to the phase maps of
-the few training volumes and gets *worse* than zero-filling on new ones), and every model is wrapped in
+``demo`` is sized so that ``make demo`` (eight trained models plus zero-filling, set-up included) takes under
+20 minutes on 2 CPU cores: 96×96 crops of a demo dataset of 30 short volumes (8 slices each, so that ~15
+training volumes bring 15 different anatomies and phase maps), small model widths, 600–1,600 steps per model,
+two runs at a time (``jobs``), and γ = 0 (no VGG19 weights are shipped; the perceptual term is off and the table
+says so). Four choices make such short runs learn, all stated in the table: the learning rate is 1e-3 (5× the
+paper's; the runs are ~100× shorter), every training sample is flipped at random and gets a random global
+phase (both exact for MRI data, see :func:`kronify.mri.training.rotate_phase`; without them a network
+overfits the few training volumes), and every model is wrapped in
 :class:`kronify.mri.training.ZeroFilledStart` so it starts from the zero-filled image instead of from a
 random output. Numbers from it are pipeline checks on brain images, not a reproduction of the paper.
 :data:`DEMO_NOTES` (``Preset.notes``, printed in the table) states every other choice and what was measured.
@@ -81,6 +81,8 @@ class Preset:
     notes: tuple[str, ...] = ()  # the set-up's choices and what they were measured to give (printed by table1)
     schedule: str = "multistep"  # kronify.mri.schedules: "multistep" (milestones_frac) or "cosine"
     warmup_frac: float = 0.0  # cosine schedule: linear warm-up over this fraction of the model's steps
+    jobs: int = 1  # runs trained at a time, one process each (kronify.mri.jobs; the recipes' --jobs)
+    table_rows: tuple[str, ...] | None = None  # the rows recipes/table1.py runs by default (None: every row)
 
     def warmup_steps(self, max_steps: int) -> int:
         """Warm-up steps of the cosine schedule for a run of ``max_steps`` steps."""
@@ -124,26 +126,27 @@ PAPER = Preset(
 
 DEMO_NOTES = (
     "Demo set-up (measured on the demo data at 4x, seed 0, one run per setting; gains over zero-filling on the 8 "
-    "test volumes; docs/results/demo_table1.md lists every measurement): what limits these short CPU runs is "
-    "how fast a model learns, not overfitting (validation PSNR still rises at the last step of every run).",
-    "Chosen: the fastMRI U-Net at 16 channels (was 8; +1.39 -> +2.44 dB at the same 400 steps, ~1.5x the time); "
-    "MoDL's denoiser starts with its last layer scaled by 0.01 and its zero-filled-start gain at 1, so it "
-    "starts at the (data-consistent) zero-filled image and learns at full speed (+0.82 -> +1.31 dB at 300 "
-    "steps), and runs 600 steps (+2.42 dB); the paper's DDPM U-Net 300 steps (was 200; +0.64 dB at 200, +1.24 "
-    "at 400 steps) and the Efficient U-Net 300 (was 200; +1.92 dB at 200); validation every 100 steps (was 50).",
-    "Not met in this budget: LB U-Net (0.04 M parameters; +0.73 dB even at 800 steps), SwinMR (+0.60 dB at 150 "
-    "steps, 0.4 s a step) and the DDPM U-Net (its official near-zero output layer under the zero-filled start "
-    "learns slowly; starting its gain at 1 or its output layer at Xavier scale learned less) stay below +2 dB; "
-    "they need more steps than 2 CPU cores give in 20 minutes.",
-    "Measured and not used: training-time augmentation before masking (kronify.mri.augment; all levers: "
-    "-0.5 dB at 400 steps; flips/rotations/zoom/phase only: -1.1 dB with the 16-channel U-Net) - it fights "
-    "overfitting, which these budgets never reach, and slows learning; a cosine schedule with warm-up "
-    "(lr 2e-3: -0.5 dB; lr 3e-3: -0.4 dB) and lr 5e-4 (-0.45 dB) against the constant 1e-3; batch 16 "
-    "(+0.3 dB for 2.5x the time); more, shorter slabs (50 slabs of 4 slices: -0.6 dB, one seed); the paper "
-    "protocol's fixed mask (+0.3 dB, but the demo keeps fastMRI's transforms); the PD-like contrast from "
-    "nilearn's tissue maps (not tried: the levers above show data variety is not the limit).",
-    "All of these carry over to real data unchanged (widths, initialisation, steps, validation interval); "
-    "kronify.mri.augment and the cosine schedule stay available (Preset.augment, Preset.schedule) for longer runs.",
+    "test volumes; docs/results/demo_table1.md lists every measurement): a few hundred steps are too few "
+    "(every curve still rising), and longer runs without augmentation overfit the 15 training volumes "
+    "(U-Net: validation peaks at step 600 and falls; 1,200 steps +2.27 dB against +2.44 at 400).",
+    "Chosen: random row/column flips of every training slice before masking (AugmentConfig.flips_only; U-Net "
+    "1,600 steps: +3.86 dB, against +3.59 with every augmentation lever); 1,600 steps for the fastMRI U-Net "
+    "(16 channels), 1,000 for MoDL (32 features; 16 features left Kronecker MoDL at +2.57 dB after 1,500 steps), "
+    "600 for the Efficient U-Net (+2.76 dB), 1,000 for SwinMR on random 48x48 patches (800 steps: +2.31 dB; "
+    "whole slices, 400 steps: +2.45 dB in 1.3x the time), the LB U-Net at the paper's size (1.03 M parameters; "
+    "800 steps: +2.05 dB; the original 41 k-parameter widths: +0.92 dB after 1,600 steps) for 1,200 steps, "
+    "validation every 200 steps; two runs at a time with one torch "
+    "thread each (--jobs 2: as fast per run as one run with two threads, so the table trains in half the time).",
+    "Not in the demo's default rows: the paper's DDPM-style U-Net (0.5 s a step on 2 cores; +1.03 dB after 300 "
+    "steps; `--models unet_ddpm` runs it) and the complex-algebra Kronecker U-Net (`--models unet` with the tiny "
+    "or paper preset, or recipes/unet_fastmri.py --algebra complex).",
+    "Measured and not used: every augmentation lever together (rotation, zoom, elastic, gamma, bias field, phase "
+    "map, noise: -0.27 dB against flips alone at 1,600 steps); a residual start with the U-Net's last layer "
+    "zeroed and its gain at 1 (-0.22 dB at 400 steps); lr 2e-3 (Kronecker MoDL -1.4 dB); a cosine schedule "
+    "with warm-up (-0.4 to -0.5 dB at 400 steps); batch 16 (+0.3 dB for 2.5x the time); more, shorter slabs "
+    "(-0.6 dB); the PD-like contrast from nilearn's tissue maps (not tried: flips already remove the overfitting).",
+    "All of these carry over to real data unchanged (widths, initialisation, steps, flips, patches); the other "
+    "kronify.mri.augment levers and the cosine schedule stay available (Preset.augment, Preset.schedule).",
 )
 
 DEMO = Preset(
@@ -151,29 +154,33 @@ DEMO = Preset(
     description="CPU demo on the embedded demo data (brain, not knee): 96x96 crops, small models, minutes",
     crop=96,
     batch_size=4,
-    max_steps=300,
+    max_steps=600,
     milestones_frac=(0.7, 0.9),
-    val_every=100,
-    ckpt_every=100,
+    val_every=200,
+    ckpt_every=200,
     lr=1e-3,
     gamma=0.0,
     num_slices=None,
     eval_batch_size=16,
     precision="32-true",
     models={
-        "unet": ModelSpec("unet_demo", {"chans": 16}, 400, correction=True),
+        "unet": ModelSpec("unet_demo", {"chans": 16}, 1600, correction=True),
         "unet_ddpm": ModelSpec("unet_ddpm_demo", {}, 300, correction=True),
-        "swinmr": ModelSpec("swinmr_demo", {}, 150),
-        "modl": ModelSpec("modl_demo", {"iterations": 2, "features": 16, "denoiser_out_init": 0.01}, 600,
+        "swinmr": ModelSpec("swinmr_demo", {}, 1000, train_patch=48),
+        "modl": ModelSpec("modl_demo", {"iterations": 2, "features": 32, "denoiser_out_init": 0.01}, 1000,
                           start_gain=1.0),
-        "lbunet": ModelSpec("lbunet_small", {}, 400),
-        "efficient_unet": ModelSpec("efficient_unet", {}, 300),
+        "lbunet": ModelSpec("lbunet", {}, 1200),
+        "efficient_unet": ModelSpec("efficient_unet", {}, 600),
     },
     demo_build={"cases": 30, "seed": 0, "crop": 128, "slices": 8},
     accelerations=(4,),
     phase_augment=True,
     zero_filled_start=True,
+    augment=AugmentConfig.flips_only(),
     notes=DEMO_NOTES,
+    jobs=2,
+    table_rows=("LB U-Net", "Efficient U-Net", "U-Net (fastMRI)", "Kronecker U-Net (fastMRI)", "SwinMR",
+                "Kronecker SwinMR", "MoDL", "Kronecker MoDL"),
 )
 
 TINY = Preset(

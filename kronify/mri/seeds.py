@@ -20,7 +20,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from kronify.mri.statistics import (
 )
 
 __all__ = ["COMPARED_METRICS", "RowOverSeeds", "compare_rows", "compare_seed_means", "comparison_dicts",
-           "per_volume_values", "row_over_seeds", "seed_list", "seed_run_dir", "train_seeds"]
+           "per_volume_values", "row_over_seeds", "seed_list", "seed_run_dir"]
 
 #: Metrics whose Kronecker-minus-dense difference the tables report (higher is better for both).
 COMPARED_METRICS = ("psnr", "ssim")
@@ -72,20 +72,6 @@ def per_volume_values(run_dir: str | os.PathLike, metric: str) -> dict[str, floa
     for row in rows:
         values.setdefault(row["fname"], []).append(float(row[metric]))
     return {name: float(np.mean(v)) for name, v in values.items()}
-
-
-def train_seeds(train: Callable[[int, Path], Mapping[str, Any] | None], row_dir: str | os.PathLike,
-                seeds: Sequence[int], *, reuse: bool = False) -> list[Path] | None:
-    """Train one row with every seed: ``train(seed, run_dir)`` for each seed's :func:`seed_run_dir`, skipping
-    seeds whose run already finished when ``reuse`` (``--resume``). Returns the run folders, or None when
-    ``train`` returns nothing (a non-zero DDP rank, which writes no results)."""
-    dirs = []
-    for seed in seeds:
-        run_dir = seed_run_dir(row_dir, seed, len(seeds))
-        if not (reuse and (run_dir / "metrics.json").is_file()) and not train(seed, run_dir):
-            return None
-        dirs.append(run_dir)
-    return dirs
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,57 @@
+"""Independent training runs side by side in worker processes (the recipes' ``--jobs N``).
+
+A small reconstruction network's CPU ops are too short to keep two threads busy: on the demo's 2-core machine
+one run with two threads takes as long per step as each of two one-thread runs going at the same time (fastMRI
+U-Net, 400 steps: 45 s either way; docs/results/demo_table1.md), so a table of independent rows trains about
+twice as fast two rows at a time. Each worker is a fresh (``spawn``) process, because forking a process whose
+OpenMP threads have started can hang, and it runs ``torch.set_num_threads(threads)``.
+
+Every run is seeded by its own arguments, so a run's result does not depend on which worker ran it or when.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import torch
+
+__all__ = ["Call", "default_jobs", "run_calls"]
+
+#: One function call: (positional arguments, keyword arguments).
+Call = tuple[Sequence[Any], Mapping[str, Any]]
+
+
+def default_jobs(preferred: int) -> int:
+    """``preferred`` runs at a time, but no more than the threads torch would use (``OMP_NUM_THREADS``, else
+    the cores), so that side-by-side runs never oversubscribe what one run would have used."""
+    return max(1, min(int(preferred), torch.get_num_threads()))
+
+
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_calls(fn: Callable[..., Any], calls: Sequence[Call], jobs: int = 1, threads: int | None = None) -> list[Any]:
+    """``[fn(*args, **kwargs) for args, kwargs in calls]``, ``jobs`` calls at a time in worker processes.
+
+    ``jobs`` <= 1 (or a single call) runs them here, in order. Otherwise ``fn`` and every argument must be
+    picklable (``fn`` importable by name) and each worker uses ``threads`` torch threads (default: this
+    process's threads divided among the jobs, at least one). Results come back in the order of ``calls``;
+    the first call that raises stops the calls not yet started and its exception is raised here after the
+    running ones finish.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    if jobs == 1 or len(calls) <= 1:
+        return [fn(*args, **kwargs) for args, kwargs in calls]
+    threads = threads or max(1, torch.get_num_threads() // jobs)
+    pool = ProcessPoolExecutor(min(jobs, len(calls)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_set_threads, initargs=(threads,))
+    try:
+        futures = [pool.submit(fn, *args, **kwargs) for args, kwargs in calls]
+        return [future.result() for future in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
