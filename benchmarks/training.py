@@ -9,9 +9,12 @@ normalisation, phase rotation; in the training process, as the demo runs) and th
 composite loss, backward, Adam, EMA update):
 
 - ms per step and training slices per second over ``--steps`` steps after a warm-up, with 1 and with 2 torch
-  threads (the speed levers "thread settings"), and with the model and its input in ``channels_last`` memory
-  format (2 threads);
+  threads (the speed levers "thread settings"), with the model and its input in ``channels_last`` memory
+  format (2 threads), and as one of two runs side by side in worker processes of 1 thread each (what
+  ``--jobs 2`` does; the ratio against one 2-thread run is the table's speed-up);
 - the input pipeline's share of the step.
+
+Each model trains on what the demo trains it on (whole slices, or the preset's training patches).
 
 ``--convergence`` also trains the dense and Kronecker fastMRI U-Nets with Lightning and reports the steps each
 needs to reach the dense model's final validation PSNR.
@@ -32,21 +35,24 @@ import zoo
 from kronify.mri.data import build_datasets
 from kronify.mri.demo import build_demo_dataset
 from kronify.mri.evaluate import machine_description
+from kronify.mri.jobs import run_calls
 from kronify.mri.losses import CompositeLoss
-from kronify.mri.presets import Preset, get_preset
+from kronify.mri.presets import TABLE1_ROWS, Preset, get_preset
 from kronify.mri.training import ReconDataModule, ReconModule, ZeroFilledStart, make_trainer, reconstruct
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-#: (family, Kronecker n, algebra): the trained rows of recipes/table1.py's demo table
-ROWS = [("lbunet", 0, "learned"), ("efficient_unet", 0, "learned"), ("unet_ddpm", 0, "learned"),
-        ("unet_ddpm", 2, "learned"), ("unet", 0, "learned"), ("unet", 2, "learned"), ("unet", 2, "complex"),
-        ("swinmr", 0, "learned"), ("swinmr", 2, "learned"), ("modl", 0, "learned"), ("modl", 2, "learned")]
+#: (family, Kronecker n, algebra): every trained row of recipes/table1.py (the demo trains those its preset's
+#: ``table_rows`` name)
+ROWS = [(family, n, algebra) for _, family, n, algebra in TABLE1_ROWS if family]
 
-#: The committed numbers before the demo set-up was reworked (the 8-channel U-Net, benchmark of commit b5868b8:
-#: one prefetching loader worker, 2 threads).
-BEFORE = {"unet_demo (chans 8)": {"slices_per_s": 46.0, "step_ms": 87.0},
-          "kron_unet_demo (chans 8)": {"slices_per_s": 36.5, "step_ms": 110.0}}
+#: Before this demo set-up (benchmarks/results/training.json of commit 7536d71, 2 threads): ms/step, slices/s and
+#: demo steps of the previous demo models (LB U-Net at its 41 k-parameter widths, MoDL at 16 features, SwinMR on
+#: whole slices).
+BEFORE = {"lbunet_small": (108, 37.0, 400), "efficient_unet": (253, 15.8, 300), "unet_ddpm_demo": (390, 10.2, 300),
+          "kron_unet_ddpm_demo": (502, 8.0, 300), "unet_demo": (169, 23.7, 400), "kron_unet_demo": (223, 17.9, 400),
+          "kron_unet_demo_complex": (187, 21.3, 400), "swinmr_demo": (411, 9.7, 150),
+          "kron_swinmr_demo": (488, 8.2, 150), "modl_demo": (153, 26.2, 600), "kron_modl_demo": (121, 33.1, 600)}
 
 
 def row_name(preset: Preset, family: str, n: int, algebra: str) -> str:
@@ -64,14 +70,19 @@ def build(preset: Preset, family: str, n: int = 0, algebra: str = "learned") -> 
     return ZeroFilledStart(net, correction=spec.correction, gain_init=spec.start_gain)
 
 
-def _datamodule(datasets, preset: Preset, seed: int) -> ReconDataModule:
-    return ReconDataModule(datasets["train"], datasets["val"], datasets["test"], batch_size=preset.batch_size,
+def _datamodule(datasets, preset: Preset, seed: int, family: str | None = None) -> ReconDataModule:
+    """The demo's data module; with ``family``, its training slices cut to the family's training patches."""
+    train = datasets["train"]
+    patch = preset.model(family).train_patch if family else None
+    if patch:
+        train = train.with_transform(train.transform.with_patch(patch))
+    return ReconDataModule(train, datasets["val"], datasets["test"], batch_size=preset.batch_size,
                            seed=seed, num_workers=preset.num_workers, eval_batch_size=preset.eval_batch_size,
                            phase_augment=preset.phase_augment, augment=preset.augment)
 
 
 def throughput(datasets, preset: Preset, model: torch.nn.Module, steps: int, *, threads: int,
-               channels_last: bool = False, warmup: int = 3) -> dict:
+               channels_last: bool = False, warmup: int = 3, family: str | None = None) -> dict:
     """ms/step and slices/s of real training steps, and the share of the step spent waiting for the batch."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -82,7 +93,7 @@ def throughput(datasets, preset: Preset, model: torch.nn.Module, steps: int, *, 
         module = ReconModule(model, CompositeLoss(preset.alpha, preset.beta, preset.gamma), lr=preset.lr,
                              ema_decay=preset.ema_decay, lpips=None, log_images=False)
         opt = torch.optim.Adam(module.model.parameters(), lr=preset.lr)
-        loader = iter(_datamodule(datasets, preset, seed=0).make_train_loader(warmup + steps))
+        loader = iter(_datamodule(datasets, preset, seed=0, family=family).make_train_loader(warmup + steps))
         wait = total = 0.0
         for i in range(warmup + steps):
             t0 = time.perf_counter()
@@ -104,6 +115,17 @@ def throughput(datasets, preset: Preset, model: torch.nn.Module, steps: int, *, 
             "input_share": wait / total}
 
 
+def _demo_datasets(root: Path, split: Path, preset: Preset) -> dict:
+    return build_datasets(root, split, crop=preset.crop, accelerations=4, num_slices=preset.num_slices)
+
+
+def side_by_side_worker(root: Path, split: Path, family: str, n: int, algebra: str, steps: int) -> dict:
+    """:func:`throughput` of one row in a worker process (run two at once with kronify.mri.jobs.run_calls)."""
+    preset = get_preset("demo")
+    return throughput(_demo_datasets(root, split, preset), preset, build(preset, family, n, algebra), steps,
+                      threads=torch.get_num_threads(), family=family)
+
+
 def convergence(datasets, preset: Preset, kron: bool, steps: int, val_every: int, out: Path) -> list[dict]:
     """Validation history (EMA weights) of a Lightning run of the fastMRI U-Net for ``steps`` steps."""
     pl.seed_everything(0, verbose=False)
@@ -123,25 +145,29 @@ def _markdown(result: dict, preset: Preset, steps: int) -> list[str]:
     md = [
         "# Training benchmark (demo data, every demo model, dense vs Kronecker)", "",
         f"Machine: {result['machine']}. Demo preset: crop {preset.crop}, batch {preset.batch_size}, loader in the "
-        f"training process (as the demo runs); {steps} timed steps after 3 warm-up steps. `python -m "
-        "benchmarks.training`.", "",
+        f"training process (as the demo runs), each model on the demo's training patches where it has them; "
+        f"{steps} timed steps after 3 warm-up steps. `python -m benchmarks.training`.", "",
         "| model | params | ms/step (2 threads) | slices/s (2 threads) | ms/step (1 thread) | ms/step (2 threads, "
-        "channels_last) | input pipeline share | demo steps | demo training time at 2 threads |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "channels_last) | ms/step (2 runs side by side, 1 thread each) | table speed-up of side by side | input "
+        "pipeline share | demo steps | demo training time (side by side) | before: ms/step (2 threads), slices/s, "
+        "demo steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in result["models"].items():
-        two, one, cl = m["threads2"], m["threads1"], m["channels_last"]
+        two, one, cl, side = m["threads2"], m["threads1"], m["channels_last"], m["side_by_side"]
+        before = BEFORE.get(name)
         md.append(f"| {name} | {m['params']:,} | {two['step_ms']:.0f} | {two['slices_per_s']:.1f} | "
-                  f"{one['step_ms']:.0f} | {cl['step_ms']:.0f} | {two['input_share']:.1%} | {m['demo_steps']} | "
-                  f"{m['demo_steps'] * two['step_ms'] / 1e3:.0f} s |")
-    total = sum(m["demo_steps"] * m["threads2"]["step_ms"] / 1e3 for m in result["models"].values())
-    md += ["", f"Sum of the demo's training steps at these speeds: {total:.0f} s (validation, test and figures "
-           "come on top; docs/results/demo_table1.md breaks down a whole `make demo`).", "",
-           "Before (committed numbers of the 8-channel demo U-Net, one prefetching loader worker, 2 threads): "
-           + "; ".join(f"{k}: {v['step_ms']:.0f} ms/step, {v['slices_per_s']:.1f} slices/s"
-                       for k, v in BEFORE.items()) + ". The demo's U-Net is now 16 channels wide (about 4x the "
-                       "multiply-adds per step): more work per step bought more PSNR per second (docs/results/"
-                       "demo_table1.md).", ""]
+                  f"{one['step_ms']:.0f} | {cl['step_ms']:.0f} | {side['step_ms']:.0f} | "
+                  f"{2 * two['step_ms'] / side['step_ms']:.2f}x | {two['input_share']:.1%} | {m['demo_steps']} | "
+                  f"{m['demo_steps'] * side['step_ms'] / 1e3:.0f} s | "
+                  + (f"{before[0]} ms, {before[1]}, {before[2]} |" if before else "- |"))
+    demo_rows = {k: m for k, m in result["models"].items() if m.get("in_demo")}
+    total = sum(m["demo_steps"] * m["side_by_side"]["step_ms"] / 1e3 for m in demo_rows.values())
+    md += ["", f"The demo's {len(demo_rows)} rows, two at a time: {total:.0f} s of runs, about {total / 2:.0f} s of "
+           "training wall time (validation, test and figures come on top; docs/results/demo_table1.md breaks down "
+           "a whole `make demo`). Before: the numbers of the previous demo set-up (benchmarks/results/training.json "
+           "of commit 7536d71); LB U-Net, MoDL and SwinMR changed size or input since (BEFORE in "
+           "benchmarks/training.py).", ""]
     if "steps_to_target" in result:
         md += [f"Convergence (fastMRI U-Net, dense vs Kronecker): steps to the dense run's final validation PSNR "
                f"{result['target_val_psnr']:.2f} dB: {result['steps_to_target']}.", ""]
@@ -163,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache_dir or os.environ.get("KRONIFY_CACHE") or Path.home() / ".cache" / "kronify")
     root = build_demo_dataset(cache / "bench-demo", **preset.demo_build).root
     work = cache / "bench-runs"
-    datasets = build_datasets(root, work / "split.json", crop=preset.crop, accelerations=4,
-                              num_slices=preset.num_slices)
+    datasets = _demo_datasets(root, work / "split.json", preset)
 
     result: dict = {"machine": machine_description(), "preset": preset.name, "crop": preset.crop,
                     "batch_size": preset.batch_size, "steps": steps, "before": BEFORE, "models": {}}
@@ -172,9 +197,14 @@ def main(argv: list[str] | None = None) -> int:
         name = row_name(preset, family, n, algebra)
         params = sum(p.numel() for p in build(preset, family, n, algebra).parameters())
         runs = {key: throughput(datasets, preset, build(preset, family, n, algebra), steps, threads=t,
-                                channels_last=cl)
+                                channels_last=cl, family=family)
                 for key, t, cl in (("threads2", 2, False), ("threads1", 1, False), ("channels_last", 2, True))}
-        result["models"][name] = {"params": params, "demo_steps": preset.steps_for(family), **runs}
+        pair = run_calls(side_by_side_worker, [((root, work / "split.json", family, n, algebra, steps), {})] * 2,
+                         jobs=2, threads=1)
+        runs["side_by_side"] = {k: sum(r[k] for r in pair) / 2 for k in pair[0]}  # per run, mean of the two
+        in_demo = any(label in preset.table_rows for label, *row in TABLE1_ROWS if tuple(row) == (family, n, algebra))
+        result["models"][name] = {"params": params, "demo_steps": preset.steps_for(family), "in_demo": in_demo,
+                                  **runs}
         print(f"{name}: " + ", ".join(f"{k} {v['step_ms']:.0f} ms/step" for k, v in runs.items()), flush=True)
     if args.convergence:
         histories = {k: convergence(datasets, preset, k, args.train_steps, args.val_every, work / f"conv{int(k)}")

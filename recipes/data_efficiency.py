@@ -2,7 +2,7 @@
 volumes, with several seeds.
 
     python recipes/data_efficiency.py                              # demo data, CPU, fastMRI's U-Net
-    python recipes/data_efficiency.py --family unet_ddpm modl --seeds 3   # the demo study (docs/results)
+    python recipes/data_efficiency.py --family unet modl --seeds 3   # the demo study (docs/results)
     python recipes/data_efficiency.py --data-path /data/fastmri    # paper preset (GPU)
     python recipes/data_efficiency.py --family swinmr --fractions 0.25 1.0
 

@@ -5,7 +5,11 @@ SwinMR, Kronecker SwinMR, MoDL and Kronecker MoDL, trained and tested on the sam
     python recipes/table1.py --preset demo                  # `make demo`: demo data, 2 CPU cores, 4x, fastmri protocol
     python recipes/table1.py --data-path /data/fastmri      # the paper preset and protocol at 8x and 4x (GPU)
     python recipes/table1.py --tiny --protocol paper --out /tmp/t1   # every row in seconds (tests)
-    python recipes/table1.py --preset demo --models unet_ddpm,swinmr,modl --seeds 3   # the seeds study
+    python recipes/table1.py --preset demo --models unet,swinmr,modl --seeds 3   # the seeds study
+
+A preset may run fewer rows by default (``Preset.table_rows``: the demo leaves out the DDPM U-Net and the
+complex-algebra row, which do not fit its time budget; ``--models unet_ddpm`` runs them). Rows are independent
+runs: ``--jobs N`` (the demo's default: 2) trains N at a time, each in its own process (kronify.mri.jobs).
 
 ``--protocol paper|fastmri`` (default: the preset's) is named in every table, row, figure title and JSON file.
 
@@ -56,7 +60,7 @@ from kronify.mri.evaluate import (
 )
 from kronify.mri.figures import comparison_figure, curves_figure
 from kronify.mri.metrics import METRICS, MetricsAccumulator
-from kronify.mri.presets import Preset
+from kronify.mri.presets import TABLE1_ROWS, Preset
 from kronify.mri.protocol import get_protocol
 from kronify.mri.seeds import (
     RowOverSeeds,
@@ -70,20 +74,7 @@ from kronify.mri.seeds import (
 from kronify.mri.statistics import PairedComparison, SeedComparison, SeedSummary
 
 # (label, family, kron_n, algebra); family None is zero-filling.
-ROWS: list[tuple[str, str | None, int, str]] = [
-    ("Zero-filled", None, 0, "learned"),
-    ("LB U-Net", "lbunet", 0, "learned"),
-    ("Efficient U-Net", "efficient_unet", 0, "learned"),
-    ("U-Net", "unet_ddpm", 0, "learned"),
-    ("Kronecker U-Net", "unet_ddpm", 2, "learned"),
-    ("U-Net (fastMRI)", "unet", 0, "learned"),
-    ("Kronecker U-Net (fastMRI)", "unet", 2, "learned"),
-    ("Kronecker U-Net (fastMRI, complex algebra)", "unet", 2, "complex"),
-    ("SwinMR", "swinmr", 0, "learned"),
-    ("Kronecker SwinMR", "swinmr", 2, "learned"),
-    ("MoDL", "modl", 0, "learned"),
-    ("Kronecker MoDL", "modl", 2, "learned"),
-]
+ROWS: list[tuple[str, str | None, int, str]] = list(TABLE1_ROWS)
 
 # The paper's Table 1 (/work/shared/seeds/000_82e303a2590c0f8d.txt): params (M), FLOPs (G), SSIM, PSNR, LPIPS
 # as mean (std). Its text does not state which acceleration the table is for (the official configurations run

@@ -288,6 +288,8 @@ def test_demo_table_rows_and_explicit_families():
     assert fastmri == ["Zero-filled", "U-Net (fastMRI)", "Kronecker U-Net (fastMRI)"]  # the preset's rows only
     assert len(table1.select_rows("unet", get_preset("tiny"))) == 4  # tiny runs every row, complex algebra too
     assert all(label in {lab for lab, *_ in table1.ROWS} for label in get_preset("demo").table_rows)
+    with pytest.raises(ValueError, match=r"table_rows \['Kronecker LB U-Net'\] are not rows of Table 1"):
+        get_preset("demo", table_rows=("MoDL", "Kronecker LB U-Net"))
 
 
 def test_a_presets_training_patches_apply_under_the_fastmri_protocol_too(demo_root, tmp_path, monkeypatch):

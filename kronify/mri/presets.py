@@ -32,10 +32,26 @@ from typing import Any
 
 from kronify.mri.augment import AugmentConfig
 
-__all__ = ["DEMO_NOTES", "FAMILIES", "PRESETS", "ModelSpec", "Preset", "get_preset"]
+__all__ = ["DEMO_NOTES", "FAMILIES", "PRESETS", "TABLE1_ROWS", "ModelSpec", "Preset", "get_preset"]
 
 #: Model families a recipe can train (the zoo's dense architectures).
 FAMILIES = ("unet", "unet_ddpm", "swinmr", "modl", "lbunet", "efficient_unet")
+
+#: The rows of recipes/table1.py: (label, family, Kronecker n (0: dense), algebra); family None is zero-filling.
+TABLE1_ROWS: tuple[tuple[str, str | None, int, str], ...] = (
+    ("Zero-filled", None, 0, "learned"),
+    ("LB U-Net", "lbunet", 0, "learned"),
+    ("Efficient U-Net", "efficient_unet", 0, "learned"),
+    ("U-Net", "unet_ddpm", 0, "learned"),
+    ("Kronecker U-Net", "unet_ddpm", 2, "learned"),
+    ("U-Net (fastMRI)", "unet", 0, "learned"),
+    ("Kronecker U-Net (fastMRI)", "unet", 2, "learned"),
+    ("Kronecker U-Net (fastMRI, complex algebra)", "unet", 2, "complex"),
+    ("SwinMR", "swinmr", 0, "learned"),
+    ("Kronecker SwinMR", "swinmr", 2, "learned"),
+    ("MoDL", "modl", 0, "learned"),
+    ("Kronecker MoDL", "modl", 2, "learned"),
+)
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,14 @@ class Preset:
     warmup_frac: float = 0.0  # cosine schedule: linear warm-up over this fraction of the model's steps
     jobs: int = 1  # runs trained at a time, one process each (kronify.mri.jobs; the recipes' --jobs)
     table_rows: tuple[str, ...] | None = None  # the rows recipes/table1.py runs by default (None: every row)
+
+    def __post_init__(self) -> None:
+        labels = [row[0] for row in TABLE1_ROWS]
+        unknown = [label for label in self.table_rows or () if label not in labels]
+        if unknown:
+            raise ValueError(f"preset {self.name!r}: table_rows {unknown} are not rows of Table 1 ({labels})")
+        if self.jobs < 1:
+            raise ValueError(f"preset {self.name!r}: jobs must be >= 1, got {self.jobs}")
 
     def warmup_steps(self, max_steps: int) -> int:
         """Warm-up steps of the cosine schedule for a run of ``max_steps`` steps."""
