@@ -89,6 +89,11 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"SSIM {result['ssim_mean']:.4f} (zero-filled {zf['ssim_mean']:.4f}), PSNR {result['psnr_mean']:.2f} dB (zero-filled "
           f"{zf['psnr_mean']:.2f}) -> {out / 'metrics.json'}"
           + (f"; reconstructions in {out / RECONSTRUCTIONS}" if args.save_reconstructions else ""), flush=True)
+    for metric, unit in (("psnr", " dB"), ("ssim", "")):
+        c = result["vs_zero_filled"][metric]
+        ci = f"95 % t-CI {c['t_ci'][0]:+.3f} to {c['t_ci'][1]:+.3f}, " if c["t_ci"] else ""
+        print(f"  {metric.upper()} minus zero-filled over {c['n']} volumes: {c['mean_difference']:+.3f}{unit} "
+              f"({ci}Wilcoxon p = {c['wilcoxon_p']:.3g}): {c['verdict']}", flush=True)
     return 0
 
 

@@ -445,6 +445,9 @@ def write_table(out: Path, preset, lines: list[list[str]], csv_rows: list[dict],
            "and every model wrapped so it starts from the zero-filled image (one extra scalar parameter, "
            "kronify.mri.training.ZeroFilledStart). The paper preset uses neither."]
           if preset.phase_augment or preset.zero_filled_start else []),
+        *([f"- Training-time augmentation of every training slice before masking (kronify.mri.augment): "
+           f"{preset.augment.describe()}; validation and test slices are never augmented."]
+          if preset.augment is not None and preset.augment.describe() != "off" else []),
         seeds_note,
         f"- Accelerations run: {', '.join(f'{a}x' for a in accelerations)}"
         + (" (the demo preset runs 4x only to fit its time budget)." if preset.name == "demo" else "."),

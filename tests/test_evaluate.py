@@ -16,6 +16,7 @@ import fastmri
 import h5py
 import numpy as np
 import pytest
+from scipy import stats
 import torch
 from fastmri import evaluate as fastmri_eval
 from fastmri.data.subsample import RandomMaskFunc
@@ -134,6 +135,21 @@ def test_scores_the_ema_weights(evaluated, exported):
     ema = json.loads((exported / "metrics.json").read_text())
     assert ema["zero_filled"] == json.loads((evaluated / "metrics.json").read_text())["zero_filled"]
     assert abs(ema["psnr_mean"] - ema["zero_filled"]["psnr_mean"]) > 0.5
+
+
+def test_the_paired_comparison_with_zero_filling_pairs_the_written_volumes(exported):
+    """vs_zero_filled is model minus zero-filled over the volumes of per_volume.csv and zero_filled_per_volume.csv
+    (the t-interval and scipy's Wilcoxon test recomputed here)."""
+    ema = json.loads((exported / "metrics.json").read_text())
+    model, zero = read_csv(exported / "per_volume.csv"), read_csv(exported / "zero_filled_per_volume.csv")
+    assert [r["fname"] for r in model] == [r["fname"] for r in zero] and len(model) == ema["n_volumes"]
+    for metric in ("psnr", "ssim"):
+        diff = np.array([float(a[metric]) - float(b[metric]) for a, b in zip(model, zero)])
+        got = ema["vs_zero_filled"][metric]
+        assert got["n"] == len(diff) and got["mean_difference"] == pytest.approx(diff.mean(), rel=1e-9)
+        half = stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+        assert got["t_ci"] == pytest.approx([diff.mean() - half, diff.mean() + half], rel=1e-9)
+        assert got["wilcoxon_p"] == pytest.approx(stats.wilcoxon(diff).pvalue, rel=1e-9)
 
 
 def test_exported_reconstructions_are_scored_the_same_by_fastmri(demo_root, trained_run, exported, tmp_path):

@@ -234,3 +234,10 @@ def test_dataloader_workers_draw_different_but_reproducible_augmentations() -> N
     assert all(torch.equal(a, b) for a, b in zip(first, second))  # same torch seed: same augmentations
     # the two workers interleave (samples 0, 2, 4.. and 1, 3, 5..): their sequences must differ
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[2], first[3])
+
+
+def test_describe_names_the_levers_that_are_on():
+    assert AugmentConfig.flips_only().describe() == "flip 0.5"
+    assert AugmentConfig.off().describe() == AugmentConfig(enabled=True, flip=0, rotation_deg=0, zoom=0, elastic=0,
+                                                          gamma=0, bias=0, phase=0, noise=0).describe() == "off"
+    assert AugmentConfig(noise=0.02).describe().endswith("phase 1, noise 0.02")

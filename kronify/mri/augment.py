@@ -65,6 +65,12 @@ class AugmentConfig:
         if self.elastic_grid < 2:
             raise ValueError(f"AugmentConfig.elastic_grid must be >= 2, got {self.elastic_grid}")
 
+    def describe(self) -> str:
+        """The levers that are on, e.g. ``"flip 0.5, rotation_deg 10"`` (``"off"`` when none is)."""
+        on = [f"{f.name} {getattr(self, f.name):g}" for f in fields(self)
+              if f.name not in ("enabled", "elastic_grid") and getattr(self, f.name) > 0]
+        return ", ".join(on) if self.enabled and on else "off"
+
     @classmethod
     def flips_only(cls, p: float = 0.5) -> AugmentConfig:
         """Random row and column flips (each with probability ``p``) and nothing else: exact, free, and in the

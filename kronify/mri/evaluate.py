@@ -31,6 +31,7 @@ from kronify.mri.figures import reconstruction_figure
 from kronify.mri.masks import draw_fixed_mask
 from kronify.mri.metrics import MetricsAccumulator, write_csv
 from kronify.mri.protocol import Protocol, get_protocol
+from kronify.mri.statistics import paired_comparison
 from kronify.mri.trained_run import RunError, TrainedRun
 from kronify.mri.training import reconstruct
 
@@ -42,7 +43,9 @@ __all__ = [
     "evaluation_dataset",
     "example_indices",
     "machine_description",
+    "per_volume",
     "reconstruct_examples",
+    "versus_zero_filled",
     "write_json",
     "write_results",
     "zero_filled_metrics",
@@ -146,6 +149,23 @@ def _magnitude(x: np.ndarray) -> np.ndarray:
     return magnitude(torch.as_tensor(x)).numpy()
 
 
+def per_volume(metrics: MetricsAccumulator, metric: str) -> dict[str, float]:
+    """``{volume: metric}`` at the accumulator's scope: fastMRI's volume metric (``fastmri``), or the mean of
+    the volume's slice metrics (``paper``, which scores slices), as kronify.mri.seeds reads finished runs."""
+    if metrics.protocol.metric_scope != "slice":
+        return {row["fname"]: float(row[metric]) for row in metrics.volume_rows()}
+    values: dict[str, list[float]] = {}
+    for row in metrics.slice_rows():
+        values.setdefault(row["fname"], []).append(float(row[metric]))
+    return {name: float(np.mean(v)) for name, v in values.items()}
+
+
+def versus_zero_filled(metrics: MetricsAccumulator, zero_filled: MetricsAccumulator) -> dict[str, dict[str, Any]]:
+    """Model minus zero-filling, paired over the scored volumes, for PSNR and SSIM (mean difference, 95 % t and
+    bootstrap CIs, Wilcoxon p: :func:`kronify.mri.statistics.paired_comparison`); does the model beat it?"""
+    return {m: paired_comparison(per_volume(metrics, m), per_volume(zero_filled, m)).as_dict() for m in ("psnr", "ssim")}
+
+
 def write_results(
     out_dir: str | os.PathLike,
     info: Mapping[str, Any],
@@ -155,9 +175,10 @@ def write_results(
     zero_filled: MetricsAccumulator | None = None,
     history: Sequence[Mapping[str, Any]] | None = (),
 ) -> dict[str, Any]:
-    """Write ``metrics.json`` (``info`` + the summary), ``per_volume.csv``, ``per_slice.csv``, ``history.json``
-    (unless ``history`` is None), ``examples.npz`` and ``reconstruction.png`` into ``out_dir``; returns the
-    metrics.json content. The figure's title names ``info``'s ``protocol`` and ``eval_set`` when present."""
+    """Write ``metrics.json`` (``info`` + the summary; with ``zero_filled``, its summary and the paired
+    model-minus-zero-filled comparison ``vs_zero_filled``), ``per_volume.csv``, ``per_slice.csv``
+    (``zero_filled_per_volume.csv``), ``history.json`` (unless ``history`` is None), ``examples.npz`` and
+    ``reconstruction.png`` into ``out_dir``; returns the metrics.json content. The figure's title names ``info``'s ``protocol`` and ``eval_set`` when present."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = metrics.summary()
@@ -169,6 +190,8 @@ def write_results(
         zf = zero_filled.summary()
         result["zero_filled"] = {k: zf[k] for k in ("ssim_mean", "ssim_std", "psnr_mean", "psnr_std", "nmse_mean",
                                                      "phase_error_mean", "lpips_mean", "lpips_std")}
+        result["vs_zero_filled"] = versus_zero_filled(metrics, zero_filled)
+        write_csv(zero_filled.volume_rows(), out_dir / "zero_filled_per_volume.csv")
     write_json(out_dir / "metrics.json", result)
     write_csv(metrics.volume_rows(), out_dir / "per_volume.csv")
     write_csv(metrics.slice_rows(), out_dir / "per_slice.csv")
