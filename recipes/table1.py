@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else default_out("table1", preset)
         accelerations = args.accelerations or list(preset.accelerations)
         lines, csv_rows, json_rows, notes, sections = [], [], [], [], []
+        phases: dict[str, float] = {}  # where the wall time went (table1.md's "Time" line)
         reconciliation = reconciliation_note(preset)  # before training: a failure here costs no training time
+        tick = _lap(phases, "Table 1 counts of the official configurations", start)
         for acc in accelerations:
             data = prepare_data(args, preset, out / "split.json", acc)
             test = data.datasets["test"]
@@ -321,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     calls.append(((argparse.Namespace(**{**vars(args), "seed": seed}), preset, data, family, kron_n,
                                    algebra, acc, run_dir), {"zero_filled": zf_acc}))
+            tick = _lap(phases, "data and zero-filled scores", tick)
             if not all(train_calls(args, jobs, calls)):  # a non-zero rank in DDP: rank 0 writes the table
                 continue
+            tick = _lap(phases, f"training and testing the runs ({jobs} at a time)", tick)
             for label, family, kron_n, algebra in rows[1:]:
                 run_dirs = [seed_run_dir(row_dirs[label], seed, len(seeds)) for seed in seeds]
                 over[label] = row_over_seeds(run_dirs, seeds)
@@ -366,12 +370,20 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(next((results[label].get("lpips_message") for label in labels[1:]), None))
         if not lines:
             return 0
+        _lap(phases, "comparisons, figures and tables", tick)
         wall = time.perf_counter() - start
         write_table(out, preset, lines, csv_rows, json_rows, accelerations, notes, data.is_demo, wall, argv,
-                    reconciliation, seeds=seeds, sections=sections, jobs=jobs)
+                    reconciliation, seeds=seeds, sections=sections, jobs=jobs, phases=phases)
     except RecipeError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     return 0
+
+
+def _lap(phases: dict[str, float], name: str, since: float) -> float:
+    """Add the time since ``since`` to ``phases[name]``; returns now."""
+    now = time.perf_counter()
+    phases[name] = phases.get(name, 0.0) + now - since
+    return now
 
 
 def unet_rows_note(labels: set[str]) -> str:
@@ -416,7 +428,7 @@ def protocol_note(protocol) -> str:
 def write_table(out: Path, preset, lines: list[list[str]], csv_rows: list[dict], json_rows: list[dict],
                 accelerations: list[int], notes: list, is_demo: bool, wall: float, argv: list[str] | None,
                 reconciliation: list[str] = (), *, seeds: list[int] = (0,), sections: list[str] = (),
-                jobs: int = 1) -> None:
+                jobs: int = 1, phases: dict[str, float] | None = None) -> None:
     """table1.md (with the command, machine, caveats and the paired comparisons in ``sections``), table1.csv,
     table1.json, and the table on stdout."""
     protocol = get_protocol(preset.protocol)
@@ -478,7 +490,8 @@ def write_table(out: Path, preset, lines: list[list[str]], csv_rows: list[dict],
     if lp:
         caveats.append(f"- LPIPS n/a: {lp}")
     md = [f"# Table 1 ({preset.name} preset, {protocol.name} protocol)", "", f"Command: `{command}`", "",
-          f"Machine: {machine_description()}", "", f"Wall time: {wall / 60:.1f} min (including data preparation)", "",
+          f"Machine: {machine_description()}", "", f"Wall time: {wall / 60:.1f} min (including data preparation)"
+          + ("; " + ", ".join(f"{name} {_duration(sec)}" for name, sec in phases.items()) if phases else ""), "",
           *table, "", *caveats, "", *sections,
           *(f"![comparison {a}x](comparison_{a}x.png)\n\n![curves {a}x](curves_{a}x.png)\n" for a in accelerations),
           *reconciliation]
@@ -490,7 +503,8 @@ def write_table(out: Path, preset, lines: list[list[str]], csv_rows: list[dict],
         writer.writerows(csv_rows)
     write_json(out / "table1.json", {"command": command, "machine": machine_description(), "wall_seconds": wall,
                                      "preset": preset.name, "protocol": protocol.name, "seeds": list(seeds),
-                                     "accelerations": accelerations, "rows": json_rows})
+                                     "accelerations": accelerations, "phase_seconds": phases or {},
+                                     "rows": json_rows})
     print("\n".join(table))
     print(f"\n{protocol.name} protocol; wrote {out / 'table1.md'}, table1.csv and table1.json ({wall / 60:.1f} min)")
 
