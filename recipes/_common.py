@@ -37,13 +37,13 @@ import kronify
 import zoo
 from kronify.mri.checkpoint import last_checkpoint
 from kronify.mri.data import SPLITS, DataError, SplitDataset, build_datasets
-from kronify.mri.evaluate import example_indices, reconstruct_examples, write_results, zero_filled_metrics
+from kronify.mri.evaluate import zero_filled_metrics
 from kronify.mri.jobs import default_jobs, run_calls
-from kronify.mri.losses import CompositeLoss
 from kronify.mri.masks import MASK_TYPES
 from kronify.mri.presets import FAMILIES, PRESETS, Preset, get_preset
 from kronify.mri.protocol import PROTOCOLS, get_protocol
-from kronify.mri.training import PRECISIONS, ReconDataModule, ReconModule, ZeroFilledStart, make_trainer
+from kronify.mri.runs import Hardware, RunFolderError, train_and_test
+from kronify.mri.training import PRECISIONS, ZeroFilledStart
 from zoo.summary import count_flops, count_params
 
 ACCELERATIONS = (4, 8, 16)
@@ -268,66 +268,33 @@ def train_and_evaluate(
     *,
     zero_filled=None,
 ) -> dict[str, Any]:
-    """Train one variant into ``out_dir`` (resuming when asked), test it, write its results; returns metrics."""
-    spec = preset.model(family)
-    name = variant_name(spec.zoo_name, kron_n, algebra)
-    max_steps = args.max_steps or preset.steps_for(family)
-    ckpt_dir = out_dir / "checkpoints"
-    resume_from = last_checkpoint(ckpt_dir)
-    if resume_from is not None and not args.resume:
-        raise RecipeError(f"{out_dir} already holds a run ({resume_from}); pass --resume to continue it "
-                          "or choose another --out")
-    if args.resume and resume_from is None and _is_global_zero():
-        print(f"--resume: no checkpoint in {ckpt_dir}, starting {name} from scratch", flush=True)
-
+    """Build one variant (seeded by ``--seed``) and train, test and write it with kronify.mri.runs.train_and_test
+    (resuming when asked); returns its metrics.json content."""
+    name = variant_name(preset.model(family).zoo_name, kron_n, algebra)
+    if args.resume and last_checkpoint(out_dir / "checkpoints") is None and _is_global_zero():
+        print(f"--resume: no checkpoint in {out_dir / 'checkpoints'}, starting {name} from scratch", flush=True)
     pl.seed_everything(args.seed, workers=True, verbose=False)
     model = build_model(family, preset, kron_n, algebra)
     params, gflops = model_cost(model, preset.crop)
-    loss = CompositeLoss(preset.alpha, preset.beta, preset.gamma)
-    protocol = get_protocol(preset.protocol)
-    module = ReconModule(model, loss, lr=preset.lr, milestones=preset.milestones(max_steps),
-                         ema_decay=preset.ema_decay, protocol=protocol.name, schedule=preset.schedule,
-                         warmup=preset.warmup_steps(max_steps))
-    ds = dict(data.datasets)
-    patch = spec.train_patch  # e.g. the official code's SwinMR patches; evaluation stays on whole slices
-    if patch is not None:
-        if getattr(model, "needs_kspace", False):
-            raise RecipeError(f"{name} uses k-space (data consistency) and cannot train on {patch}x{patch} patches")
-        ds["train"] = ds["train"].with_transform(ds["train"].transform.with_patch(min(patch, preset.crop)))
-    datamodule = ReconDataModule(ds["train"], ds["val"], ds["test"], batch_size=preset.batch_size, seed=args.seed,
-                                 num_workers=preset.num_workers, eval_batch_size=preset.eval_batch_size,
-                                 phase_augment=preset.phase_augment, augment=preset.augment)
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    trainer = make_trainer(out_dir, max_steps=max_steps, val_every=preset.val_every, ckpt_every=preset.ckpt_every,
-                           accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes,
-                           strategy=args.strategy, precision=preset.precision, grad_clip=args.grad_clip,
-                           progress_bar=not args.no_progress)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if args.resume and resume_from else None)
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    if not trainer.is_global_zero:
-        return {}
-    test = ds["test"]
-    examples = reconstruct_examples(module.ema.module.eval(), test, example_indices(test))
-    if zero_filled is None:
-        zero_filled = zero_filled_metrics(test, preset.eval_batch_size)
-    info = {
-        "model": name, "family": family, "kron_n": kron_n, "algebra": algebra if kron_n else None,
-        "acceleration": acceleration, "params": params, "gflops": gflops, "gflops_size": preset.crop,
-        "train_seconds": module.train_seconds, "steps": trainer.global_step, "preset": preset.name,
-        "batch_size": preset.batch_size, "lr": preset.lr, "loss": {"alpha": preset.alpha, "beta": preset.beta,
-                                                                    "gamma": preset.gamma},
-        "world_size": trainer.world_size, "data": "demo" if data.is_demo else str(data.root),
-        "data_root": str(data.root.resolve()), "test_files": test.files,  # for recipes/evaluate.py
-        "phase_augment": preset.phase_augment, "zero_filled_start": preset.zero_filled_start,
-        **mask_settings(args, preset), "train_patch": patch,
-        "metrics_over": "slices" if protocol.metric_scope == "slice" else "volumes",
-    }
-    result = write_results(out_dir, info, module.test_metrics, examples, zero_filled=zero_filled,
-                           history=module.history)
-    zf = result["zero_filled"]
-    print(f"{name} {acceleration}x ({protocol.name} protocol): test SSIM {result['ssim_mean']:.4f} (zero-filled {zf['ssim_mean']:.4f}), "
-          f"PSNR {result['psnr_mean']:.2f} dB (zero-filled {zf['psnr_mean']:.2f}), {trainer.global_step} steps in "
-          f"{result['train_seconds']:.0f} s -> {out_dir / 'metrics.json'}", flush=True)
+    hardware = Hardware(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes,
+                        strategy=args.strategy, grad_clip=args.grad_clip, progress_bar=not args.no_progress)
+    info = {"model": name, "kron_n": kron_n, "algebra": algebra if kron_n else None, "acceleration": acceleration,
+            "params": params, "gflops": gflops, "gflops_size": preset.crop,
+            "data": "demo" if data.is_demo else str(data.root), "data_root": str(data.root.resolve()),
+            **mask_settings(args, preset)}
+    try:
+        result = train_and_test(model, preset, data.datasets, out_dir, family=family, seed=args.seed,
+                                max_steps=args.max_steps, resume=args.resume, hardware=hardware,
+                                zero_filled=zero_filled, info=info)
+    except RunFolderError as err:
+        raise RecipeError(str(err)) from err
+    if result:
+        zf = result["zero_filled"]
+        print(f"{name} {acceleration}x ({result['protocol']} protocol): test SSIM {result['ssim_mean']:.4f} "
+              f"(zero-filled {zf['ssim_mean']:.4f}), PSNR {result['psnr_mean']:.2f} dB (zero-filled "
+              f"{zf['psnr_mean']:.2f}), {result['steps']} steps in {result['train_seconds']:.0f} s -> "
+              f"{out_dir / 'metrics.json'}", flush=True)
     return result
 
 

@@ -147,14 +147,15 @@ KILL_DRIVER = textwrap.dedent("""
     sys.path.insert(0, sys.argv[1])
     import pytorch_lightning as pl
     import _common
+    import kronify.mri.runs as runs
 
     class Kill(pl.Callback):
         def on_train_batch_end(self, trainer, *args):
             if trainer.global_step == int(os.environ["KILL_AT_STEP"]):
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    make = _common.make_trainer
-    _common.make_trainer = lambda *a, **k: make(*a, callbacks=[Kill()], **k)
+    make = runs.make_trainer
+    runs.make_trainer = lambda *a, **k: make(*a, callbacks=[Kill()], **k)
     sys.exit(_common.run_recipe("unet", sys.argv[2:]))
 """)
 
