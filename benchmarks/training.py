@@ -38,7 +38,8 @@ from kronify.mri.evaluate import machine_description
 from kronify.mri.jobs import run_calls
 from kronify.mri.losses import CompositeLoss
 from kronify.mri.presets import TABLE1_ROWS, Preset, get_preset
-from kronify.mri.training import ReconDataModule, ReconModule, ZeroFilledStart, make_trainer, reconstruct
+from kronify.mri.datamodule import ReconDataModule
+from kronify.mri.training import ReconModule, ZeroFilledStart, make_trainer, reconstruct
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -453,7 +453,7 @@ def write_table(out: Path, preset, lines: list[list[str]], csv_rows: list[dict],
         f"{preset.batch_size}, Adam lr {preset.lr:g}, EMA {preset.ema_decay} (warm-up), loss alpha {preset.alpha:g} / "
         f"beta {preset.beta:g} / gamma {preset.gamma:g}"
         + (" (perceptual term off: no VGG19 weights are shipped)." if preset.gamma == 0 else "."),
-        *([f"- Short-run aids (demo/tiny presets): random global phase per training sample (exact for MRI data) "
+        *(["- Short-run aids (demo/tiny presets): random global phase per training sample (exact for MRI data) "
            "and every model wrapped so it starts from the zero-filled image (one extra scalar parameter, "
            "kronify.mri.training.ZeroFilledStart). The paper preset uses neither."]
           if preset.phase_augment or preset.zero_filled_start else []),

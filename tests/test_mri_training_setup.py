@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 from kronify.mri.augment import AugmentConfig, SliceAugment
 from kronify.mri.data import build_datasets
 from kronify.mri.schedules import make_schedule
-from kronify.mri.training import ReconDataModule, ReconModule, ZeroFilledStart, make_trainer
+from kronify.mri.datamodule import ReconDataModule
+from kronify.mri.training import ReconModule, ZeroFilledStart, make_trainer
 from kronify.mri.transform import MRITransform
 from np_reference import complex_np, np_crop, np_fft2c, np_ifft2c
 

@@ -22,7 +22,8 @@ import zoo
 from kronify.mri.checkpoint import AtomicCheckpointIO, LastCheckpoint, atomic_torch_save
 from kronify.mri.data import MRISample
 from kronify.mri.ema import EMA
-from kronify.mri.training import ReconModule, StepBatchSampler, reconstruct, resolve_precision
+from kronify.mri.datamodule import StepBatchSampler
+from kronify.mri.training import ReconModule, reconstruct, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"

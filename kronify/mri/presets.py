@@ -15,7 +15,7 @@ training volumes bring 15 different anatomies and phase maps), small model width
 two runs at a time (``jobs``), and γ = 0 (no VGG19 weights are shipped; the perceptual term is off and the table
 says so). Four choices make such short runs learn, all stated in the table: the learning rate is 1e-3 (5× the
 paper's; the runs are ~100× shorter), every training sample is flipped at random and gets a random global
-phase (both exact for MRI data, see :func:`kronify.mri.training.rotate_phase`; without them a network
+phase (both exact for MRI data, see :func:`kronify.mri.datamodule.rotate_phase`; without them a network
 overfits the few training volumes), and every model is wrapped in
 :class:`kronify.mri.training.ZeroFilledStart` so it starts from the zero-filled image instead of from a
 random output. Numbers from it are pipeline checks on brain images, not a reproduction of the paper.
@@ -89,7 +89,7 @@ class Preset:
     precision: str = "auto"
     models: dict[str, ModelSpec] = field(default_factory=dict)
     demo_build: dict[str, Any] | None = None  # kwargs of build_demo_dataset when no --data-path is given
-    phase_augment: bool = False  # random global phase per training sample (kronify.mri.training.rotate_phase)
+    phase_augment: bool = False  # random global phase per training sample (kronify.mri.datamodule.rotate_phase)
     zero_filled_start: bool = False  # wrap models in kronify.mri.training.ZeroFilledStart
     accelerations: tuple[int, ...] = (4, 8)  # what table1 runs
     protocol: str = "fastmri"  # kronify.mri.protocol: "paper" or "fastmri"

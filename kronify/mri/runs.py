@@ -26,7 +26,8 @@ from kronify.mri.losses import CompositeLoss
 from kronify.mri.metrics import MetricsAccumulator
 from kronify.mri.presets import Preset
 from kronify.mri.protocol import get_protocol
-from kronify.mri.training import ReconDataModule, ReconModule, make_trainer
+from kronify.mri.datamodule import ReconDataModule
+from kronify.mri.training import ReconModule, make_trainer
 
 __all__ = ["Hardware", "RunFolderError", "train_and_test"]
 
