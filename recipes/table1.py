@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from _common import (
     RecipeError,
@@ -59,6 +58,7 @@ from kronify.mri.evaluate import (
     zero_filled_metrics,
 )
 from kronify.mri.figures import comparison_figure, curves_figure
+from kronify.mri.jobs import threads_per_job
 from kronify.mri.metrics import METRICS, MetricsAccumulator
 from kronify.mri.presets import TABLE1_ROWS, Preset
 from kronify.mri.protocol import get_protocol
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else default_out("table1", preset)
         accelerations = args.accelerations or list(preset.accelerations)
         lines, csv_rows, json_rows, notes, sections = [], [], [], [], []
-        phases: dict[str, float] = {}  # where the wall time went (table1.md's "Time" line)
+        phases: dict[str, float] = {}  # where the wall time went (table1.md's "Wall time" line)
         reconciliation = reconciliation_note(preset)  # before training: a failure here costs no training time
         tick = _lap(phases, "Table 1 counts of the official configurations", start)
         for acc in accelerations:
@@ -472,7 +472,7 @@ def write_table(out: Path, preset, lines: list[list[str]], csv_rows: list[dict],
         unet_rows_note({row[0] for row in lines}),
         "- Train time: wall time of training incl. validation. Every model is evaluated with its EMA weights."
         + (f" {jobs} runs trained at a time (`--jobs`), each in its own process with "
-           f"{max(1, torch.get_num_threads() // jobs)} torch thread(s)." if jobs > 1 else ""),
+           f"{threads_per_job(jobs)} torch thread(s)." if jobs > 1 else ""),
         "- Paper columns: the paper's Table 1 as published (it does not state the acceleration; the official "
         "configurations run 8x; it has no dense U-Net, SwinMR, MoDL, Kronecker MoDL, fastMRI U-Net or "
         "complex-algebra rows).",

@@ -35,3 +35,10 @@ def test_jobs_must_be_positive_and_default_jobs_never_exceed_the_torch_threads(m
     assert default_jobs(2) == 1 and default_jobs(0) == 1
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
     assert default_jobs(2) == 2
+
+
+def test_threads_per_job_shares_this_process_threads(monkeypatch):
+    from kronify.mri.jobs import threads_per_job
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert [threads_per_job(j) for j in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]

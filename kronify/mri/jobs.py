@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Call", "default_jobs", "run_calls"]
+__all__ = ["Call", "default_jobs", "run_calls", "threads_per_job"]
 
 #: One function call: (positional arguments, keyword arguments).
 Call = tuple[Sequence[Any], Mapping[str, Any]]
@@ -28,6 +28,11 @@ def default_jobs(preferred: int) -> int:
     """``preferred`` runs at a time, but no more than the threads torch would use (``OMP_NUM_THREADS``, else
     the cores), so that side-by-side runs never oversubscribe what one run would have used."""
     return max(1, min(int(preferred), torch.get_num_threads()))
+
+
+def threads_per_job(jobs: int) -> int:
+    """The torch threads each of ``jobs`` side-by-side runs gets: this process's threads shared out, at least 1."""
+    return max(1, torch.get_num_threads() // jobs)
 
 
 def _set_threads(threads: int) -> None:
@@ -47,7 +52,7 @@ def run_calls(fn: Callable[..., Any], calls: Sequence[Call], jobs: int = 1, thre
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if jobs == 1 or len(calls) <= 1:
         return [fn(*args, **kwargs) for args, kwargs in calls]
-    threads = threads or max(1, torch.get_num_threads() // jobs)
+    threads = threads or threads_per_job(jobs)
     pool = ProcessPoolExecutor(min(jobs, len(calls)), mp_context=multiprocessing.get_context("spawn"),
                                initializer=_set_threads, initargs=(threads,))
     try:
