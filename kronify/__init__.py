@@ -2,7 +2,7 @@
 
 # Importing each function after its submodule rebinds e.g. `kronify.convert` (the attribute) from
 # the submodule to the function.
-from kronify.config import KronConfig
+from kronify.config import CalibrationConfig, KronConfig
 from kronify.convert import convert, is_kron
 from kronify.io import load, save
 from kronify.kron import kron_weight, nearest_kronecker
@@ -13,6 +13,7 @@ from kronify.report import ConversionReport
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationConfig",
     "ConversionReport",
     "KronConfig",
     "KronParametrization",

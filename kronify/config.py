@@ -16,7 +16,9 @@ from torch import nn
 from kronify.algebra import LEARNED, resolve_algebra
 from kronify.patterns import normalize_overrides, normalize_patterns
 
-__all__ = ["KronConfig"]
+__all__ = ["CalibrationConfig", "KronConfig"]
+
+CALIBRATION_METHODS = ("als", "kron", "weight")
 
 _TYPE_PREFIX = "type:"
 
@@ -41,6 +43,42 @@ def _str_to_type(key: str) -> Any:
 
 
 @dataclass
+class CalibrationConfig:
+    """How `convert(..., calibration=batches)` fits each layer's factors to its inputs.
+
+    method: "als" (alternating least squares on the full input second moment; the default), "kron" (the closed
+    form in the Kronecker-factored metric) or "weight" (the plain nearest Kronecker sum, for comparison);
+    sequential: each layer sees the outputs of the already compressed layers before it (else the dense
+    model's); holdout: share of the calibration batches kept aside to choose between the calibrated and
+    the weight-only fit (the better one is kept); bias_correction: fit in the centred metric and add
+    (W − Ŵ)·mean(x) to the bias; damping: ridge, relative to the mean input energy, added to the metric;
+    max_dim: largest input dimension (in·kernel) for which the full second moment is kept (larger layers
+    use its Kronecker-factored form); max_batches: how many batches are read from the iterable.
+    """
+
+    method: str = "als"
+    sequential: bool = True
+    sweeps: int = 8
+    holdout: float = 0.25
+    bias_correction: bool = True
+    damping: float = 1e-2
+    max_dim: int = 4096
+    max_batches: int = 64
+
+    def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise ValueError(f"CalibrationConfig: method must be one of {CALIBRATION_METHODS}, got {self.method!r}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"CalibrationConfig: holdout must be in [0, 1), got {self.holdout!r}")
+        for name in ("sweeps", "max_dim", "max_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "sweeps" else 1):
+                raise ValueError(f"CalibrationConfig: {name} must be a positive integer, got {value!r}")
+        if not self.damping >= 0:
+            raise ValueError(f"CalibrationConfig: damping must be >= 0, got {self.damping!r}")
+
+
+@dataclass
 class KronConfig:
     """Settings of `kronify.convert`.
 
@@ -48,7 +86,10 @@ class KronConfig:
     (1..n², default n); algebra: "learned", "complex" (n=2) or "quaternion" (n=4, A fixed);
     warm_start: factors of the nearest Kronecker sum to each current weight (else a cold start with the
     weight's own standard deviation); include / exclude: module-name patterns; overrides: {name | "re:regex" |
-    module type: dict(n=, terms=, algebra=) or None}; strict: fail if a selected layer cannot be converted.
+    module type: dict(n=, terms=, algebra=) or None}; strict: fail if a selected layer cannot be converted;
+    budget: share of the model's parameters to keep, with n / terms / dense chosen per layer (the choices are
+    written into `overrides` of the config the report carries, so load needs no budget run); calibration:
+    how factors are fitted when `convert` is given calibration batches (None: CalibrationConfig()).
     """
 
     n: int = 2
@@ -59,8 +100,17 @@ class KronConfig:
     exclude: list[str] | None = None
     overrides: dict[Any, dict[str, Any] | None] = field(default_factory=dict)
     strict: bool = False
+    budget: float | None = None
+    calibration: CalibrationConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.calibration, dict):
+            self.calibration = CalibrationConfig(**self.calibration)
+        if self.calibration is not None and not isinstance(self.calibration, CalibrationConfig):
+            raise TypeError(f"KronConfig: calibration must be a CalibrationConfig, got {type(self.calibration).__name__}")
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
+                raise ValueError(f"budget must be a share of the parameters in (0, 1], got {self.budget!r}")
         resolve_algebra(self.algebra, self.n, self.terms)
         self.include = normalize_patterns(self.include, "include")
         self.exclude = normalize_patterns(self.exclude, "exclude")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -27,29 +27,15 @@ from torch.nn.utils import parametrize
 
 from kronify.algebra import resolve_algebra
 from kronify.analysis import Analysis, analyse
-from kronify.config import KronConfig
+from kronify.calibration import CalibrationLayer, calibrate, collect, first_calls, read_batches
+from kronify.config import CalibrationConfig, KronConfig
+from kronify.layer_kinds import dim_names, weight_names
 from kronify.parametrization import (KronParametrization, build_once_per_call, is_kron, link_weight,
                                      own_kron_parametrizations, unlink)
 from kronify.patterns import Selector
 from kronify.report import ConversionReport, LayerRow, count_params, own_param_count
 
-__all__ = ["convert", "is_kron", "weight_names"]
-
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2 and relatives): a Linear whose weight is stored (in, out)."""
-    return any(k.__name__ == "Conv1D" and k.__module__.startswith("transformers") for k in type(module).__mro__)
-
-
-def weight_names(module: nn.Module) -> list[tuple[str, int]]:
-    """(tensor name, chunks of dim 0) of the weights `module`'s forward reads; [] for other modules."""
-    if isinstance(module, nn.MultiheadAttention):
-        if module._qkv_same_embed_dim:
-            return [("in_proj_weight", 3)]
-        return [("q_proj_weight", 1), ("k_proj_weight", 1), ("v_proj_weight", 1)]
-    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or _is_hf_conv1d(module):
-        return [("weight", 1)]
-    return []
+__all__ = ["convert", "is_kron"]
 
 
 # ---- finding candidates --------------------------------------------------------------------------
@@ -125,22 +111,11 @@ def _target(module: nn.Module, name: str, chunks: int, n: int, owners: dict) -> 
     if others:
         return None, f"{name} is shared with {others[0]} (tied weights)"
     rows, cols = t.shape[0] // chunks, t.shape[1]
-    bad = [f"{k}={d}" for k, d in zip(_dim_names(module, name), (rows, cols)) if d % n]
+    bad = [f"{k}={d}" for k, d in zip(dim_names(module, name), (rows, cols)) if d % n]
     if bad:
         depthwise = "depthwise, " if getattr(module, "groups", 1) > 1 and 1 in (rows, cols) else ""
         return None, f"{depthwise}{' and '.join(bad)} not divisible by n={n}"
     return _Target(owner, tensor, tuple(t.shape), chunks), ""
-
-
-def _dim_names(module: nn.Module, name: str) -> tuple[str, str]:
-    """What the weight's first two dims are, in the layer's own terms (for messages)."""
-    if isinstance(module, nn.MultiheadAttention):
-        return "embed_dim", {"k_proj_weight": "kdim", "v_proj_weight": "vdim"}.get(name, "embed_dim")
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return "in_channels", "out_channels/groups"
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return "out_channels", "in_channels/groups"
-    return ("in_features", "out_features") if _is_hf_conv1d(module) else ("out_features", "in_features")
 
 
 def _call_note(a: Analysis, c: _Candidate) -> str:
@@ -279,6 +254,32 @@ def apply_plans(plans: list[_Plan], warm_start: bool) -> _Undo:
     return undo
 
 
+def _calibrated_apply(model: nn.Module, todo: list[_Plan], config: KronConfig, batches: Any) -> KronConfig:
+    """apply_plans, then fit every converted layer to its calibration inputs (kronify.calibration). The model
+    is probed with the first batch before anything changes; on any later error the conversion is undone."""
+    cfg = config.calibration or CalibrationConfig()
+    batches = read_batches(batches, cfg)
+    layers = [CalibrationLayer(p.row.name, p.candidate.module, [(t.owner, t.tensor, t.chunks) for t in p.targets],
+                               [t.owner._parameters[t.tensor].detach() for t in p.targets]) for p in todo]
+    calls = first_calls(model, layers, batches[0])
+    if not cfg.sequential:
+        collect(model, layers, batches, cfg)
+    undo = apply_plans(todo, warm_start=True)
+    try:
+        fits = calibrate(model, layers, batches, cfg, calls)
+    except BaseException:
+        undo.undo()
+        raise
+    for plan, layer in zip(todo, layers):
+        fit = fits[layer.name]
+        if fit is None:
+            plan.row.fit = f"weight-only: {layer.skip}"
+            continue
+        plan.row.fit, plan.row.output_error, plan.row.weight_fit_error = fit.how, fit.output_error, fit.weight_fit_error
+        plan.row.warm_start_error = fit.weight_error
+    return replace(config, calibration=cfg)
+
+
 # ---- public entry point --------------------------------------------------------------------------------
 def _resolve_config(n: int | KronConfig, config: KronConfig | None, kwargs: dict) -> KronConfig:
     if isinstance(n, KronConfig):
@@ -310,6 +311,9 @@ def convert(
     exclude: Any = None,
     overrides: Any = None,
     strict: bool = False,
+    budget: float | None = None,
+    calibration: Any = None,
+    calibration_config: CalibrationConfig | None = None,
     inplace: bool = True,
     example_inputs: Any = None,
 ) -> ConversionReport:
@@ -323,6 +327,12 @@ def convert(
     (raise if a selected layer cannot be converted: dims not divisible by n, depthwise, tied or
     non-parameter weights).
 
+    calibration: an iterable of model inputs (tensors, tuples of positional inputs or dicts of keyword
+    inputs, as the model takes them; up to `max_batches` are read from an endless generator). With
+    warm_start=True each converted layer's factors are then fitted to minimise its output error on these
+    inputs, ‖(W − Σ A_t⊗F_t) X‖_F, and the better of that and the weight-only fit on held-out batches is
+    kept (see CalibrationConfig, set by `calibration_config`; the report shows both errors per layer).
+
     inplace=False converts a deep copy (`report.model`). example_inputs: a tensor or tuple run through the
     model when torch.fx cannot trace it, to learn which layers run (buffers are restored afterwards).
 
@@ -330,7 +340,10 @@ def convert(
     Returns a ConversionReport (`.model` is the converted model, `.config` the KronConfig).
     """
     config = _resolve_config(n, config, dict(terms=terms, algebra=algebra, warm_start=warm_start, include=include,
-                                             exclude=exclude, overrides=overrides or {}, strict=strict))
+                                             exclude=exclude, overrides=overrides or {}, strict=strict,
+                                             budget=budget, calibration=calibration_config))
+    if calibration is not None and not config.warm_start:
+        raise ValueError("convert: calibration fits the warm start to the inputs; pass warm_start=True with it")
     selector = Selector(config.include, config.exclude, config.overrides)
     target = model if inplace else copy.deepcopy(model)
     params_before = count_params(target)
@@ -348,7 +361,10 @@ def convert(
         why = "; ".join(f"{p.row.name}: {p.row.reason}" for p in plans[:8]) or "no layers with weights"
         extra = f" ({'; '.join(unused)} matched no layer)" if unused else ""
         raise ValueError(f"nothing to convert{extra}: {why}{' ...' if len(plans) > 8 else ''}")
-    apply_plans(todo, config.warm_start)
+    if calibration is None:
+        apply_plans(todo, config.warm_start)
+    else:
+        config = _calibrated_apply(target, todo, config, calibration)
     return ConversionReport(model=target, rows=[p.row for p in plans], params_before=params_before,
                             params_after=count_params(target), traced=analysis.traced, trace_error=analysis.error,
                             config=config)

@@ -22,7 +22,9 @@ class LayerRow:
     `shape` is the dense weight's shape, or (embed_dim, kdim, vdim) for attention. `params_*` count
     the layer's own parameters (attention: all projections and biases). For converted layers,
     `reason` may carry notes (shared paths, call counts); `warm_start_error` is the relative
-    Frobenius error of the warm start, None without one.
+    Frobenius error of the warm start, None without one. With calibration, `fit` names the kept fit
+    ("als", "kron", "weight", "+bias" for the bias correction, or "weight-only: <why>"), `output_error` is its
+    relative output error on the held-out calibration inputs and `weight_fit_error` the weight-only fit's.
     """
 
     name: str
@@ -35,6 +37,9 @@ class LayerRow:
     status: str  # "converted" | "skipped"
     reason: str = ""
     warm_start_error: float | None = None
+    fit: str | None = None
+    output_error: float | None = None
+    weight_fit_error: float | None = None
 
 
 def _numel(p: nn.Parameter) -> int:
@@ -56,6 +61,10 @@ def own_param_count(module: nn.Module) -> int:
 
 def _fmt_int(x: int) -> str:
     return f"{x:,}"
+
+
+def _fmt_err(x: float | None) -> str:
+    return "" if x is None else f"{x:.3f}"
 
 
 @dataclass
@@ -96,7 +105,9 @@ class ConversionReport:
         return sum(r.params_after for r in rows) / before if before else math.nan
 
     def __str__(self) -> str:
-        head = ("layer", "kind", "shape", "n", "terms", "params", "-> after", "ws_err", "status")
+        calibrated = any(r.fit is not None for r in self.rows)
+        head = ("layer", "kind", "shape", "n", "terms", "params", "-> after", "ws_err") + (
+            ("out_err", "w_out_err", "fit") if calibrated else ()) + ("status",)
         lines = []
         for r in self.rows:
             status = r.status if not r.reason else f"{r.status}: {r.reason}"
@@ -109,12 +120,13 @@ class ConversionReport:
                     "" if r.terms is None else str(r.terms),
                     _fmt_int(r.params_before),
                     _fmt_int(r.params_after),
-                    "" if r.warm_start_error is None else f"{r.warm_start_error:.3f}",
+                    _fmt_err(r.warm_start_error),
+                    *((_fmt_err(r.output_error), _fmt_err(r.weight_fit_error), r.fit or "") if calibrated else ()),
                     status,
                 )
             )
         widths = [max([len(h)] + [len(row[i]) for row in lines]) for i, h in enumerate(head)]
-        right = {3, 4, 5, 6, 7}
+        right = {3, 4, 5, 6, 7} | ({8, 9} if calibrated else set())
 
         def fmt(cells):
             return "  ".join(
