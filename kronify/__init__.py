@@ -4,6 +4,7 @@
 # the submodule to the function.
 from kronify.config import CalibrationConfig, KronConfig
 from kronify.convert import convert, is_kron
+from kronify.distill import DistillResult, distill
 from kronify.io import load, save
 from kronify.kron import kron_weight, nearest_kronecker
 from kronify.merge import merge
@@ -18,6 +19,8 @@ __all__ = [
     "KronConfig",
     "KronParametrization",
     "convert",
+    "distill",
+    "DistillResult",
     "is_kron",
     "kron_param_count",
     "kron_weight",

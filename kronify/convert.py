@@ -344,10 +344,19 @@ def convert(
                                              budget=budget, calibration=calibration_config))
     if calibration is not None and not config.warm_start:
         raise ValueError("convert: calibration fits the warm start to the inputs; pass warm_start=True with it")
-    selector = Selector(config.include, config.exclude, config.overrides)
     target = model if inplace else copy.deepcopy(model)
     params_before = count_params(target)
+    requested = config.budget
+    if requested is not None:
+        from kronify.budget_plan import budget_config  # it builds on this module's candidates and targets
+
+        config = budget_config(target, config, find_candidates(target), _param_owners(target), _target, calibration)
+    selector = Selector(config.include, config.exclude, config.overrides)
     plans, analysis = _plan(target, config, selector, example_inputs)
+    if requested is not None:
+        for plan in plans:
+            if plan.row.reason.startswith("override 're:"):
+                plan.row.reason = f"kept dense by the budget ({requested})"
 
     unused = selector.unused()
     if unused:
@@ -357,14 +366,14 @@ def convert(
         raise ValueError(f"strict=True: {len(problems)} selected layer(s) cannot be converted: "
                          + "; ".join(f"{p.row.name} ({p.row.reason})" for p in problems))
     todo = [p for p in plans if p.settings is not None]
-    if not todo:
+    if not todo and requested is None:
         why = "; ".join(f"{p.row.name}: {p.row.reason}" for p in plans[:8]) or "no layers with weights"
         extra = f" ({'; '.join(unused)} matched no layer)" if unused else ""
         raise ValueError(f"nothing to convert{extra}: {why}{' ...' if len(plans) > 8 else ''}")
-    if calibration is None:
+    if calibration is None or not todo:
         apply_plans(todo, config.warm_start)
     else:
         config = _calibrated_apply(target, todo, config, calibration)
     return ConversionReport(model=target, rows=[p.row for p in plans], params_before=params_before,
                             params_after=count_params(target), traced=analysis.traced, trace_error=analysis.error,
-                            config=config)
+                            config=config, budget=requested)

@@ -83,6 +83,7 @@ class ConversionReport:
     traced: bool = False
     trace_error: str | None = None
     config: KronConfig | None = None
+    budget: float | None = None  # the share of parameters requested with convert(budget=...)
 
     @property
     def converted(self) -> list[str]:
@@ -139,6 +140,8 @@ class ConversionReport:
             f"(x{self.ratio:.3f}); converted layers x{self.converted_ratio:.3f}; "
             f"{len(self.converted)} converted, {len(self.skipped)} skipped"
         )
+        if self.budget is not None:
+            out.append(f"budget: {self.budget:.3f} of the parameters requested, {self.ratio:.3f} kept")
         out.append(
             "analysis: torch.fx" if self.traced else f"analysis: named_modules (torch.fx failed: {self.trace_error})"
         )
@@ -162,6 +165,7 @@ class ConversionReport:
             "traced": self.traced,
             "trace_error": self.trace_error,
             "config": self.config.to_dict() if self.config is not None else None,
+            "budget": self.budget,
         }
 
     def flops(self, example_inputs: Any) -> dict[str, int]:
