@@ -25,7 +25,7 @@ __all__ = ["als_fit", "f_step", "kron_matrix", "metric_factors", "output_error2"
 
 def kron_matrix(A: Tensor, F: Tensor) -> Tensor:
     """Σ_t A_t ⊗ F_t for A (r, n, n) and F (r, p, n2), as an (n·p, n·n2) matrix."""
-    r, n, p, n2 = A.shape[0], A.shape[1], F.shape[1], F.shape[2]
+    n, p, n2 = A.shape[1], F.shape[1], F.shape[2]
     return torch.einsum("tab,tij->aibj", A, F).reshape(n * p, n * n2)
 
 
@@ -81,7 +81,7 @@ def _solve_psd(H: Tensor, rhs: Tensor, damping: float) -> Tensor:
 def f_step(C4: Tensor, P: Tensor, A: Tensor, damping: float = 1e-6) -> Tensor:
     """The best F (r, p, n2) for fixed A: [F_1 … F_r] H = D (see `als_fit`); C4 = C as (n, n2, n, n2) and
     P = W C as (n, p, n, n2). With a fixed algebra (A given) this one solve is the whole calibrated fit."""
-    r, n, n2, p = A.shape[0], A.shape[1], C4.shape[1], P.shape[1]
+    r, n2, p = A.shape[0], C4.shape[1], P.shape[1]
     M = torch.einsum("tab,lac->tlbc", A, A)
     H = torch.einsum("tlbc,bjck->tjlk", M, C4).reshape(r * n2, r * n2)
     D = torch.einsum("lac,aick->ilk", A, P).reshape(p, r * n2)
