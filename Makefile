@@ -31,6 +31,7 @@ bench: venv
 	$(PY) -m benchmarks.models
 	MALLOC_MMAP_THRESHOLD_=$(MALLOC_BIG) MALLOC_TRIM_THRESHOLD_=$(MALLOC_BIG) $(PY) -m benchmarks.models --stem models_malloc_tuned
 	$(PY) -m benchmarks.training
+	$(PY) -m benchmarks.calibration
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

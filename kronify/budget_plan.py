@@ -58,7 +58,7 @@ def budget_config(model: nn.Module, config: KronConfig, candidates: list, owners
         settings, _ = selector.select(c.paths, c.module, defaults)
         if settings is None or own_kron_parametrizations(c.module):
             continue
-        targets = [target_fn(c.module, name, chunks, 1, owners)[0] for name, chunks in weight_names(c.module)]
+        targets = [target_fn(c.module, name, chunks, 1, owners)[0] for name, chunks in weight_names(c.module, config.embeddings is not False)]
         if all(t is not None for t in targets):
             chosen.append((c.name, c.module, targets))
     total = count_params(model)
@@ -82,4 +82,4 @@ def budget_config(model: nn.Module, config: KronConfig, candidates: list, owners
     if not within(kept, round(config.budget * total)):
         warnings.warn(f"budget: the layers' options allow {kept / total:.4f} of the parameters at best, not "
                       f"{config.budget} ± 1 % (too few or too coarse layers)", UserWarning, stacklevel=3)
-    return replace(config, budget=None, overrides=overrides)
+    return replace(config, budget=None, overrides=overrides, embeddings=config.embeddings is not False)

@@ -89,7 +89,9 @@ class KronConfig:
     module type: dict(n=, terms=, algebra=) or None}; strict: fail if a selected layer cannot be converted;
     budget: share of the model's parameters to keep, with n / terms / dense chosen per layer (the choices are
     written into `overrides` of the config the report carries, so load needs no budget run); calibration:
-    how factors are fitted when `convert` is given calibration batches (None: CalibrationConfig()).
+    how factors are fitted when `convert` is given calibration batches (None: CalibrationConfig());
+    embeddings: also convert nn.Embedding weights (num_embeddings x dim, as KroneckerBERT does) together with
+    an output head tied to them, which then shares their factors (None: only under a budget).
     """
 
     n: int = 2
@@ -102,6 +104,7 @@ class KronConfig:
     strict: bool = False
     budget: float | None = None
     calibration: CalibrationConfig | None = None
+    embeddings: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.calibration, dict):

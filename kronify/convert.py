@@ -29,9 +29,9 @@ from kronify.algebra import resolve_algebra
 from kronify.analysis import Analysis, analyse
 from kronify.calibration import CalibrationLayer, calibrate, collect, first_calls, read_batches
 from kronify.config import CalibrationConfig, KronConfig
-from kronify.layer_kinds import dim_names, weight_names
+from kronify.layer_kinds import dim_names, embedding_problem, weight_names
 from kronify.parametrization import (KronParametrization, build_once_per_call, is_kron, link_weight,
-                                     own_kron_parametrizations, unlink)
+                                     own_kron_parametrizations, share_parametrization, unlink)
 from kronify.patterns import Selector
 from kronify.report import ConversionReport, LayerRow, count_params, own_param_count
 
@@ -50,12 +50,12 @@ class _Candidate:
         return self.paths[0]
 
 
-def find_candidates(model: nn.Module) -> list[_Candidate]:
+def find_candidates(model: nn.Module, embeddings: bool = False) -> list[_Candidate]:
     """Every distinct layer with weights (see `weight_names`) at or below `model`, with all paths to it."""
     found: dict[int, _Candidate] = {}
 
     def visit(module: nn.Module, path: str, ancestors: tuple[int, ...], inside: bool) -> None:
-        if weight_names(module):
+        if weight_names(module, embeddings):
             found.setdefault(id(module), _Candidate(module, inside=inside)).paths.append(path)
             inside = True
         for child_name, child in module._modules.items():
@@ -68,12 +68,13 @@ def find_candidates(model: nn.Module) -> list[_Candidate]:
     return list(found.values())
 
 
-def _param_owners(model: nn.Module) -> dict[int, list[tuple[int, str]]]:
-    owners: dict[int, list[tuple[int, str]]] = {}
+def _param_owners(model: nn.Module) -> dict[int, list[tuple[int, str, nn.Module, str]]]:
+    """{id(parameter): [(id(module), dotted name, module, parameter name)]} for every holder of each parameter."""
+    owners: dict[int, list[tuple[int, str, nn.Module, str]]] = {}
     for mname, m in model.named_modules(remove_duplicate=True):
         for pname, p in m._parameters.items():
             if p is not None:
-                owners.setdefault(id(p), []).append((id(m), f"{mname}.{pname}" if mname else pname))
+                owners.setdefault(id(p), []).append((id(m), f"{mname}.{pname}" if mname else pname, m, pname))
     return owners
 
 
@@ -81,12 +82,14 @@ def _param_owners(model: nn.Module) -> dict[int, list[tuple[int, str]]]:
 @dataclass
 class _Target:
     """One tensor to parametrize: `owner.<tensor>` (the layer, or a ParametrizationList for a weight that
-    is already parametrized), of `shape`, split into `chunks` along dim 0."""
+    is already parametrized), of `shape`, split into `chunks` along dim 0. `tied`: (module, tensor name) of
+    Linear heads that hold the same embedding weight; they share its factors."""
 
     owner: nn.Module
     tensor: str
     shape: tuple[int, ...]
     chunks: int
+    tied: list[tuple[nn.Module, str]] = field(default_factory=list)
 
 
 def _target(module: nn.Module, name: str, chunks: int, n: int, owners: dict) -> tuple[_Target | None, str]:
@@ -107,15 +110,18 @@ def _target(module: nn.Module, name: str, chunks: int, n: int, owners: dict) -> 
         return None, "uninitialized lazy module"
     if t.dim() < 2 or not t.is_floating_point():
         return None, f"{name} has shape {tuple(t.shape)} and dtype {t.dtype}, not a float matrix"
-    others = [o for mid, o in owners.get(id(t), []) if mid != id(owner)]
-    if others:
-        return None, f"{name} is shared with {others[0]} (tied weights)"
+    others = [o for o in owners.get(id(t), []) if o[0] != id(owner)]
+    tied = [(o[2], o[3]) for o in others if isinstance(o[2], nn.Linear) and o[3] == "weight"]
+    if isinstance(module, nn.Embedding) and embedding_problem(module):
+        return None, embedding_problem(module)
+    if others and not (isinstance(module, nn.Embedding) and len(tied) == len(others)):
+        return None, f"{name} is shared with {others[0][1]} (tied weights)"
     rows, cols = t.shape[0] // chunks, t.shape[1]
     bad = [f"{k}={d}" for k, d in zip(dim_names(module, name), (rows, cols)) if d % n]
     if bad:
         depthwise = "depthwise, " if getattr(module, "groups", 1) > 1 and 1 in (rows, cols) else ""
         return None, f"{depthwise}{' and '.join(bad)} not divisible by n={n}"
-    return _Target(owner, tensor, tuple(t.shape), chunks), ""
+    return _Target(owner, tensor, tuple(t.shape), chunks, tied if isinstance(module, nn.Embedding) else []), ""
 
 
 def _call_note(a: Analysis, c: _Candidate) -> str:
@@ -148,7 +154,7 @@ def _validate(settings: dict, where: str) -> int:
 
 def _plan(model: nn.Module, config: KronConfig, selector: Selector,
           example_inputs: Any) -> tuple[list[_Plan], Analysis]:
-    candidates = find_candidates(model)
+    candidates = find_candidates(model, bool(config.embeddings))
     owners = _param_owners(model)
     ids = {id(c.module) for c in candidates}
     analysis = analyse(model, [c.module for c in candidates], lambda m: id(m) in ids, example_inputs)
@@ -156,7 +162,7 @@ def _plan(model: nn.Module, config: KronConfig, selector: Selector,
     plans = []
     for c in candidates:
         m = c.module
-        names = weight_names(m)
+        names = weight_names(m, bool(config.embeddings))
         w = getattr(m, names[0][0])
         shape = () if w is None or isinstance(w, nn.parameter.UninitializedParameter) else tuple(w.shape)
         kind = parametrize.type_before_parametrizations(m).__name__
@@ -184,6 +190,11 @@ def _plan(model: nn.Module, config: KronConfig, selector: Selector,
         if not plan.problem:
             plan.settings = settings
             row.reason = _call_note(analysis, c)
+    heads = {id(m): p.row.name for p in plans if p.settings for t in p.targets for m, _ in t.tied}
+    for plan in plans:
+        if plan.candidate is not None and id(plan.candidate.module) in heads:
+            plan.row.reason = f"tied to {heads[id(plan.candidate.module)]}: shares its Kronecker factors"
+            plan.problem, plan.settings, plan.targets = False, None, []
     return plans, analysis
 
 
@@ -242,6 +253,9 @@ def apply_plans(plans: list[_Plan], warm_start: bool) -> _Undo:
             for t in plan.targets:
                 undo.record(t.owner, t.tensor)
                 ps.append(parametrize_weight(t, plan.settings, warm_start))
+                for head, name in t.tied:
+                    undo.record(head, name)
+                    share_parametrization(head, name, t.owner.parametrizations[t.tensor])
         except Exception as e:
             undo.undo()
             raise RuntimeError(f"converting {plan.row.name!r} ({plan.row.kind}) failed: {e}") from e
@@ -312,6 +326,7 @@ def convert(
     overrides: Any = None,
     strict: bool = False,
     budget: float | None = None,
+    embeddings: bool | None = None,
     calibration: Any = None,
     calibration_config: CalibrationConfig | None = None,
     inplace: bool = True,
@@ -341,7 +356,8 @@ def convert(
     """
     config = _resolve_config(n, config, dict(terms=terms, algebra=algebra, warm_start=warm_start, include=include,
                                              exclude=exclude, overrides=overrides or {}, strict=strict,
-                                             budget=budget, calibration=calibration_config))
+                                             budget=budget, embeddings=embeddings,
+                                             calibration=calibration_config))
     if calibration is not None and not config.warm_start:
         raise ValueError("convert: calibration fits the warm start to the inputs; pass warm_start=True with it")
     target = model if inplace else copy.deepcopy(model)
@@ -350,7 +366,7 @@ def convert(
     if requested is not None:
         from kronify.budget_plan import budget_config  # it builds on this module's candidates and targets
 
-        config = budget_config(target, config, find_candidates(target), _param_owners(target), _target, calibration)
+        config = budget_config(target, config, find_candidates(target, config.embeddings is not False), _param_owners(target), _target, calibration)
     selector = Selector(config.include, config.exclude, config.overrides)
     plans, analysis = _plan(target, config, selector, example_inputs)
     if requested is not None:

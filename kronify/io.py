@@ -3,7 +3,8 @@
 The file holds the model's state dict (Kronecker factors under torch's parametrize names,
 `<layer>.parametrizations.weight.original0/1`) and, in the safetensors metadata under "kronify", a JSON
 record {"format": 2, "kronify_version": ..., "config": <KronConfig or null>, "tensors": [{"owner":
-module name, "tensor": name, "shape": [...], "chunks": c, "n", "terms", "algebra"}, ...]}. Tensors that
+module name, "tensor": name, "shape": [...], "chunks": c, "n", "terms", "algebra"[, "tied_to": the
+embedding weight whose factors a tied head shares]}, ...]}. Tensors that
 share memory (tied weights) are stored once each under every name, as safetensors requires. `load`
 parametrizes exactly the recorded tensors of a freshly built dense model and loads the weights strictly.
 """
@@ -40,8 +41,12 @@ def save(model: nn.Module, path: str | os.PathLike, config: KronConfig | None = 
     (a temporary file in the same folder, then os.replace). `config`, if given, is stored with it."""
     from safetensors.torch import save_file
 
-    tensors = [{"owner": owner_name, "tensor": name, "shape": list(p.shape), "chunks": p.chunks, **p.config()}
-               for owner_name, _, name, p in kron_parametrizations(model)]
+    tensors, first = [], {}
+    for owner_name, owner, name, p in kron_parametrizations(model):
+        where = f"{owner_name}.{name}" if owner_name else name
+        source = first.setdefault(id(owner.parametrizations[name]), where)  # a tied head: its embedding's
+        tensors.append({"owner": owner_name, "tensor": name, "shape": list(p.shape), "chunks": p.chunks, **p.config(),
+                        **({"tied_to": source} if source != where else {})})
     if not tensors:
         raise ValueError("save: the model has no Kronecker layers (convert it first, or use safetensors directly)")
     record = {"format": FORMAT, "kronify_version": _version(), "tensors": tensors,
@@ -85,7 +90,7 @@ def read_record(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
 
 
 def _plans(base: nn.Module, record: dict) -> list[_Plan]:
-    plans = []
+    plans, by_name = [], {}
     for entry in record["tensors"]:
         where = f"{entry['owner']}.{entry['tensor']}" if entry["owner"] else entry["tensor"]
         try:
@@ -98,9 +103,14 @@ def _plans(base: nn.Module, record: dict) -> list[_Plan]:
             raise ValueError(f"load: {where} is {got} in the model; the file has shape {tuple(entry['shape'])}")
         row = LayerRow(name=where, kind=type(owner).__name__, shape=tuple(t.shape), n=entry["n"],
                        terms=entry["terms"], params_before=0, params_after=0, status="skipped")
+        if "tied_to" in entry:
+            if entry["tied_to"] not in by_name:
+                raise ValueError(f"load: {where} is recorded as tied to {entry['tied_to']!r}, which the file does not hold")
+            by_name[entry["tied_to"]].tied.append((owner, entry["tensor"]))
+            continue
         settings = {k: entry[k] for k in ("n", "terms", "algebra")}
-        plans.append(_Plan(candidate=None, row=row, settings=settings,
-                           targets=[_Target(owner, entry["tensor"], tuple(t.shape), entry["chunks"])]))
+        target = by_name[where] = _Target(owner, entry["tensor"], tuple(t.shape), entry["chunks"])
+        plans.append(_Plan(candidate=None, row=row, settings=settings, targets=[target]))
     return plans
 
 

@@ -24,6 +24,7 @@ def merge(model: nn.Module, inplace: bool = True) -> nn.Module:
     """Replace every Kronecker-parametrized weight of `model` by its dense value; frozen factors give a
     frozen weight. Returns `model` (inplace) or a merged deep copy."""
     target = model if inplace else copy.deepcopy(model)
+    merged: dict[int, nn.Parameter] = {}  # a ParametrizationList shared by tied layers -> the one merged weight
     for _, owner, name, p in list(kron_parametrizations(target)):
         plist = owner.parametrizations[name]
         trainable = any(t.requires_grad for t in plist.parameters())
@@ -36,6 +37,7 @@ def merge(model: nn.Module, inplace: bool = True) -> nn.Module:
         if name in owner._buffers:  # torch leaves a frozen multi-factor tensor as a buffer
             owner._parameters[name] = nn.Parameter(owner._buffers.pop(name).detach(), trainable)
         owner._parameters[name].requires_grad_(trainable)
+        owner._parameters[name] = merged.setdefault(id(plist), owner._parameters[name])  # tied stay tied
         order = {k: i for i, k in enumerate(p.param_order)}  # the layer's own order: weight before bias
         owner._parameters = dict(sorted(owner._parameters.items(), key=lambda kv: order.get(kv[0], len(order))))
         if not is_kron(owner):

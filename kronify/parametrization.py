@@ -37,7 +37,7 @@ from kronify.algebra import LEARNED, algebra_matrices, resolve_algebra
 from kronify.kron import _kron_weight, check_kron_dims, nearest_kronecker, project_kronecker
 
 __all__ = ["KronParametrization", "LinkedWeight", "is_kron", "kron_param_count", "kron_parametrizations",
-           "own_kron_parametrizations", "plain_reads"]
+           "own_kron_parametrizations", "plain_reads", "share_parametrization"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -293,6 +293,14 @@ def link_weight(owner: nn.Module, name: str) -> None:
     if _enter_forward not in owner._forward_pre_hooks.values():
         owner.register_forward_pre_hook(_enter_forward)
         owner.register_forward_hook(_exit_forward, always_call=True)
+
+
+def share_parametrization(owner: nn.Module, name: str, plist: parametrize.ParametrizationList) -> None:
+    """Make `owner.<name>` (a head tied to an embedding) read the Kronecker weight of another layer's
+    ParametrizationList: one set of factors for both, as the dense tie had one Parameter for both."""
+    parametrize.register_parametrization(owner, name, plist[0], unsafe=True)
+    owner.parametrizations[name] = plist
+    link_weight(owner, name)
 
 
 def unlink(module: nn.Module) -> None:

@@ -69,6 +69,8 @@ def unsupported_reason(module: nn.Module) -> str:
     """Why `module`'s inputs give no metric ("" when they do)."""
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
         return "grouped conv: its output rows see different inputs"
+    if isinstance(module, nn.Embedding):
+        return "an embedding's inputs are token ids: it keeps the fit to its weights"
     if isinstance(module, nn.MultiheadAttention) or isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
         return ""
     return "" if is_hf_conv1d(module) else f"{type(module).__name__} inputs are not read"
