@@ -4,8 +4,8 @@
     (median and mean over converted layers) and the task metric at 0 steps (calibration batches of seed 0);
 (b) the `budget` rule vs uniform n=2 at the same total parameter count (budget = uniform n=2's share), at 0
     steps and after distilling for 5 % of the dense steps;
-(c) distillation settings after 5 % of the dense steps from the calibrated n=2 start (weight-only start while
-    calibration is missing): lr, loss (MSE vs KL at temperature 1 and 2), freeze_norm_stats, feature matching.
+(c) distillation settings after 5 % of the dense steps from the weight-only and from the calibrated n=2 start:
+    lr, loss (MSE vs KL at temperature 1 and 2), freeze_norm_stats, feature matching (Task.features).
 
     python -m benchmarks.compress.choices [--tasks ...] [--seeds 2] [--out out/compress/choices] [--fresh]
 """
@@ -98,19 +98,19 @@ class TaskChoices:
                 "steps": max(1, round(FRACTION * self.task.dense_steps)), "distill_seconds": time.perf_counter() - t0}
 
     def distillation(self) -> list[dict]:
-        """(c): each variant from the same warm start per seed."""
-        starts: dict[int, nn.Module] = {}
+        """(c): each variant from the same warm start per seed: weight-only, and calibrated where available."""
+        starts: dict[tuple[bool, int], nn.Module] = {}
 
-        def run(kw: dict[str, Any], seed: int) -> dict:
-            if seed not in starts:
-                starts[seed] = compress(self.teacher, self.task, seed=seed, calibrate=self.calibrated, n=2)[0]
+        def run(calibrate: bool, kw: dict[str, Any], seed: int) -> dict:
+            if (calibrate, seed) not in starts:
+                starts[calibrate, seed] = compress(self.teacher, self.task, seed=seed, calibrate=calibrate, n=2)[0]
             kw = {**kw, "features": list(self.task.features)} if kw.get("features") == "task" else kw
-            return self._distilled(copy.deepcopy(starts[seed]), seed, kw)
+            return self._distilled(copy.deepcopy(starts[calibrate, seed]), seed, kw)
 
-        start = "calib" if self.calibrated else "weight"
-        return [r for name, kw in DISTILL_VARIANTS.items()
-                for r in self._run("distill", f"{start}: {name}", self.seeds, ("distill",),
-                                   functools.partial(run, kw))]
+        return [r for calibrate in (False, True) for name, kw in DISTILL_VARIANTS.items()
+                for r in self._run("distill", f"{'calib' if calibrate else 'weight'}: {name}", self.seeds,
+                                   ("calibration", "distill") if calibrate else ("distill",),
+                                   functools.partial(run, calibrate, kw))]
 
 
 def summarise(records: list[dict]) -> dict[str, Any]:

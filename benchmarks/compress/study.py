@@ -3,7 +3,7 @@ distilled on unlabelled inputs for 1/5/20 % of the dense training steps, against
 scratch with labels, and a per-layer `budget=0.5` against uniform n=2.
 
     python -m benchmarks.compress.study [--tasks digits_cnn,shapes_cnn,tiny_bert] [--seeds 3]
-        [--out out/compress/study] [--fresh]
+        [--out out/compress/study] [--runs REGEX] [--fresh]
 
 Each (task, run, seed) is cached under OUT/runs/, so a rerun only adds what is missing (e.g. once kronify gains
 `calibration=` or `distill`). Runs whose kronify feature is missing are listed as skipped, never estimated.
@@ -17,6 +17,7 @@ import argparse
 import copy
 import functools
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -44,8 +45,8 @@ def _record(task: Task, model: nn.Module, steps: int, report: Any = None, **extr
 class TaskStudy:
     """The runs of one task; warm starts are computed once per (kind, seed) and copied for each distillation."""
 
-    def __init__(self, task: Task, seeds: list[int], cache: Cache, skipped: list[dict]) -> None:
-        self.task, self.seeds, self.cache, self.skipped = task, seeds, cache, skipped
+    def __init__(self, task: Task, seeds: list[int], cache: Cache, skipped: list[dict], runs: str = "") -> None:
+        self.task, self.seeds, self.cache, self.skipped, self.runs = task, seeds, cache, skipped, runs
         self.teacher = task.trained(0)
         self.starts: dict[tuple[str, int], tuple[nn.Module, Any, float]] = {}
 
@@ -70,6 +71,8 @@ class TaskStudy:
                        distill_seconds=time.perf_counter() - t0)
 
     def add(self, run: str, seeds: list[int], needs: tuple[str, ...], fn: Callable[[int], dict]) -> list[dict]:
+        if not re.search(self.runs, run):   # not computed here: taken from the cache where it is there
+            return [r for s in seeds if (r := self.cache.get(self.task.name, run, s)) is not None]
         note = missing(*needs)
         if note is not None:
             print(f"  {self.task.name:11s} {run:28s} {note}", flush=True)
@@ -100,11 +103,13 @@ class TaskStudy:
 
 def _compare(by_run: dict[str, list[dict]], a: str, b: str, welch: bool = False) -> dict | None:
     """a vs b over seeds: paired by seed (ttest_rel), Welch where the runs share nothing, or a one-sample
-    t-test of a against b where b is deterministic (one value)."""
+    t-test of a against b where b is deterministic (one value); no test where both are."""
     if a not in by_run or b not in by_run:
         return None
     va, vb = [r["metric"] for r in by_run[a]], [r["metric"] for r in by_run[b]]
-    if len(vb) == 1 and len(va) > 1:
+    if len(va) == len(vb) == 1:
+        out = {"test": "none (both deterministic)", "n": 1, "mean_diff": va[0] - vb[0], "p": None}
+    elif len(vb) == 1:
         from scipy import stats
 
         p = stats.ttest_1samp(va, vb[0]).pvalue
@@ -135,6 +140,8 @@ def summarise(records: list[dict]) -> dict[str, Any]:
         for r in records:
             if r["task"] == name:
                 by_run.setdefault(r["run"], []).append(r)
+        if "dense" not in by_run:
+            continue
         dense = by_run["dense"][0]["metric"]
         rows = {}
         for run, recs in by_run.items():
@@ -180,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=OUT / "study")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", default="", help="regex: compute only the runs it matches (others: from the cache)")
     ap.add_argument("--fresh", action="store_true", help="recompute cached runs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     for name in args.tasks.split(","):
         print(f"== {name}", flush=True)
-        records += TaskStudy(TASKS[name], list(range(args.seeds)), cache, skipped).run_all()
+        records += TaskStudy(TASKS[name], list(range(args.seeds)), cache, skipped, args.runs).run_all()
     result = {"machine": machine(threads=args.threads, kronify_features={f: common.supports(f) for f in
                                                                           ("calibration", "budget", "distill")}),
               "seeds": args.seeds, "fractions": FRACTIONS, "calibration_batches": common.CALIBRATION_BATCHES,
