@@ -4,17 +4,17 @@ share of its parameters with the smallest total error.
 Each layer's options are every n that divides both weight dims (2 ≤ n, n⁴ ≤ the weight's size, so A is not
 larger than F) with 1..n² terms, and dense. An option's error is the layer's relative squared error, read off
 the Van Loan–Pitsianis spectrum: of the weight itself, or with calibration of W·L (L the Cholesky factor of
-the layer's input second moment), a proxy for the output error. The allocation is greedy by error removed
-per parameter on each layer's lower convex hull of (parameters, error), which is what bisecting a threshold
-on that ratio gives, followed by a pass that spends what is left of the budget on the best single upgrades.
+the layer's input second moment), a proxy for the output error. The allocation minimises the sum of the
+layers' errors at the requested size exactly (up to a 1/4096 rounding of the parameter counts) by dynamic
+programming, where a greedy pass by error removed per parameter could stop short of the target.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -75,48 +75,54 @@ def layer_options(name: str, weights: list[tuple[tuple[int, ...], int, Tensor]])
     return LayerOptions(name, options)
 
 
-def _hull(options: list[tuple]) -> list[tuple]:
-    """The lower convex hull of (params, error) from the cheapest option to dense, error decreasing."""
-    pts = sorted(options, key=lambda o: (o[0], o[1]))
-    best: list[tuple] = []
-    for o in pts:
-        if best and o[1] >= best[-1][1]:
-            continue  # costs more and is no better
-        while len(best) >= 2:
-            (c1, e1, *_), (c2, e2, *_) = best[-2], best[-1]
-            if (e1 - e2) * (o[0] - c2) <= (e2 - o[1]) * (c2 - c1):  # best[-1] is not below the chord
-                best.pop()
-            else:
-                break
-        best.append(o)
-    return best
+BUCKETS = 4096
 
 
 def allocate(layers: list[LayerOptions], target: int, fixed: int) -> dict[str, tuple[int | None, int | None]]:
-    """{layer name: (n, terms)} ((None, None): dense) with fixed + Σ params as close to `target` from below as
-    the options allow. Raises ValueError when the target lies outside the reachable range."""
+    """{layer name: (n, terms)} ((None, None): dense) with the smallest total error such that fixed + Σ params
+    lies within the tolerance below `target`: a multiple-choice knapsack solved by dynamic programming over the
+    parameter counts, rounded up to `BUCKETS` steps (so every solution it finds fits), then a pass that spends
+    what the rounding left on the best single upgrades. Raises ValueError when the target lies outside the reachable range."""
     low = fixed + sum(min(o[0] for o in layer.options) for layer in layers)
     high = fixed + sum(layer.dense for layer in layers)
     if target < low * (1 - TOLERANCE) or target > high * (1 + TOLERANCE):
         raise ValueError(f"budget: {target:,} parameters cannot be reached; this model can keep between "
                          f"{low:,} ({low / high:.3f}) and {high:,} (1.0) of its {high:,} parameters with the "
                          f"selected layers")
-    hulls = [_hull(layer.options) for layer in layers]
-    at = [0] * len(layers)
-    total = low
-    heap = [(-(h[0][1] - h[1][1]) / (h[1][0] - h[0][0]), i) for i, h in enumerate(hulls) if len(h) > 1]
-    heapq.heapify(heap)
-    while heap:
-        _, i = heapq.heappop(heap)
-        h, k = hulls[i], at[i]
-        step = h[k + 1][0] - h[k][0]
-        if total + step > target:
-            continue  # this layer's next hull step does not fit; its later steps cost even more
-        total += step
-        at[i] = k + 1
-        if k + 2 < len(h):
-            heapq.heappush(heap, (-(h[k + 1][1] - h[k + 2][1]) / (h[k + 2][0] - h[k + 1][0]), i))
-    chosen = [hulls[i][at[i]] for i in range(len(layers))]
+    free = max(target - fixed, 0)
+    step = max(free / BUCKETS, 1e-9)
+    size = int(free / step) + 1 + len(layers)  # rounding up adds less than one step a layer
+    best = np.full(size, np.inf)  # least error so far at each rounded cost (index = cost in steps)
+    best[0] = 0.0
+    spent = np.zeros(size)  # the exact parameters of that solution
+    picks = []
+    for layer in layers:
+        new, new_spent = np.full(size, np.inf), np.zeros(size)
+        pick = np.full(size, -1, dtype=np.int32)
+        for k, (cost, err, *_) in enumerate(layer.options):
+            c = int(np.ceil(cost / step - 1e-9))
+            if c >= size:
+                continue
+            cand = best[: size - c] + err
+            better = cand < new[c:]
+            new[c:][better], pick[c:][better] = cand[better], k
+            new_spent[c:][better] = spent[: size - c][better] + cost
+        best, spent = new, new_spent
+        picks.append(pick)
+    if not (np.isfinite(best) & (fixed + spent <= target)).any():  # even the cheapest options exceed it
+        chosen = [min(layer.options, key=lambda o: o[0]) for layer in layers]
+    else:
+        # least error among the solutions within the tolerance below the target, else among all that fit
+        fits = np.isfinite(best) & (fixed + spent <= target)
+        near = fits & (fixed + spent >= (1 - TOLERANCE) * target)
+        at = int(np.argmin(np.where(near if near.any() else fits, best, np.inf)))
+        chosen = []
+        for layer, pick in zip(reversed(layers), reversed(picks)):
+            option = layer.options[int(pick[at])]
+            chosen.append(option)
+            at -= int(np.ceil(option[0] / step - 1e-9))
+        chosen.reverse()
+    total = fixed + sum(c[0] for c in chosen)
     while True:  # spend the slack: the single option change that removes the most error and still fits
         moves = [(c[1] - o[1], i, o) for i, (layer, c) in enumerate(zip(layers, chosen))
                  for o in layer.options if c[1] - o[1] > 0 and 0 < o[0] - c[0] <= target - total]

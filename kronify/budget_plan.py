@@ -38,7 +38,7 @@ def _whitened(layer: CalibrationLayer, cfg: CalibrationConfig) -> list[Tensor] |
             W = _to_matrix(w, view.transposed)
             if W.shape[1] > cfg.max_dim:
                 return None
-            C, _ = layer.fit[view.sources[c]].metric(view.kernel, centred=False)
+            C, _ = layer.fit[view.sources[c]].metric(view.kernel, False, view.taps_are_outputs)
             parts.append(W @ _cholesky(C.to(W.device), cfg.damping))
         out.append(parts[0] if len(parts) == 1 else torch.cat(parts))
     return out

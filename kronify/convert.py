@@ -360,6 +360,8 @@ def convert(
                                              calibration=calibration_config))
     if calibration is not None and not config.warm_start:
         raise ValueError("convert: calibration fits the warm start to the inputs; pass warm_start=True with it")
+    if calibration is not None:  # read once: a one-shot iterator serves the budget and the fit alike
+        calibration = read_batches(calibration, config.calibration or CalibrationConfig())
     target = model if inplace else copy.deepcopy(model)
     params_before = count_params(target)
     requested = config.budget

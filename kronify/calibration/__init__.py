@@ -65,7 +65,8 @@ def read_batches(batches: Iterable[Any], cfg: CalibrationConfig) -> list[Any]:
 
 
 def _n_held(count: int, cfg: CalibrationConfig) -> int:
-    return 0 if count < 2 or cfg.holdout == 0 else max(1, round(count * cfg.holdout))
+    """Held-out batches: the last holdout share, at least one and never all of them (none for one batch)."""
+    return 0 if count < 2 or cfg.holdout == 0 else min(count - 1, max(1, round(count * cfg.holdout)))
 
 
 @contextlib.contextmanager
@@ -148,9 +149,8 @@ def collect(model: nn.Module, layers: list[CalibrationLayer], batches: list[Any]
     finally:
         for h in handles:
             h.remove()
-    if n_fit == len(batches):  # one batch or no holdout: the fits are scored on their own inputs
-        for layer in layers:
-            layer.held = layer.fit
+    for layer in layers:  # no held-out input (one batch, no holdout, a branch they skip): score on the fit's
+        layer.held = [h if not h.empty else f for h, f in zip(layer.held, layer.fit)]
 
 
 def _fit(layer: CalibrationLayer, cfg: CalibrationConfig, biases: list) -> LayerFit | None:

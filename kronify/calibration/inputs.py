@@ -41,6 +41,11 @@ class InputView:
     kernel: int = 1
     transposed: bool = False
 
+    @property
+    def taps_are_outputs(self) -> bool:
+        """A transposed conv's kernel taps write different output pixels (see Moments.covariance)."""
+        return self.transposed and self.kernel > 1
+
     def rows(self, module: nn.Module, x: Tensor) -> Tensor:
         """The input tensor `x` of one call as rows (N, d) in float32."""
         x = x.detach()
@@ -92,18 +97,25 @@ def input_view(module: nn.Module, tensor: str, chunks: int) -> InputView:
 
 
 class Moments:
-    """Σ x xᵀ (float64), Σ x and the row count N of the rows added so far."""
+    """Second moments of the rows added so far, accumulated around a reference row r (the first batch's mean):
+    Σ (x − r)(x − r)ᵀ and Σ (x − r) in float64, and the count N. Shifting by r keeps the covariance accurate
+    when the inputs' mean is large against their spread (a float32 Σ x xᵀ would cancel away its digits)."""
 
     def __init__(self) -> None:
         self.S: Tensor | None = None
         self.s: Tensor | None = None
+        self.ref: Tensor | None = None
         self.N = 0
 
     def add(self, X: Tensor) -> None:
+        if X.shape[0] == 0:
+            return
         if self.S is None:
             d = X.shape[1]
+            self.ref = X.mean(0)
             self.S = torch.zeros(d, d, dtype=torch.float64, device=X.device)
             self.s = torch.zeros(d, dtype=torch.float64, device=X.device)
+        X = X - self.ref
         self.S += (X.T @ X).double()
         self.s += X.sum(0).double()
         self.N += X.shape[0]
@@ -112,12 +124,24 @@ class Moments:
     def empty(self) -> bool:
         return self.N == 0
 
-    def metric(self, kernel: int, centred: bool) -> tuple[Tensor, Tensor]:
-        """(C, mean): the second moment per row (centred: the covariance), expanded to the weight's columns as
-        C ⊗ I_kernel, and the mean row expanded the same way."""
-        mean = self.s / self.N
-        C = self.S / self.N - (torch.outer(mean, mean) if centred else 0)
+    def covariance(self, kernel: int = 1, taps_are_outputs: bool = False) -> tuple[Tensor, Tensor]:
+        """(Σ, mean) of the rows the weight's columns see, from the per-pixel moments, with the kernel taps
+        uncorrelated: when the taps read neighbouring pixels (a Conv3d) the columns' covariance is Σ ⊗ I and
+        their mean the pixel mean repeated; when each tap writes its own output pixel (a ConvTranspose) the
+        error adds up over the taps, which is the second moment E[x xᵀ] ⊗ I with mean 0."""
+        if self.empty:
+            raise ValueError("Moments: no rows were added")
+        shift = self.s / self.N
+        cov = self.S / self.N - torch.outer(shift, shift)
+        mean = self.ref.double() + shift
+        if taps_are_outputs:
+            cov, mean = cov + torch.outer(mean, mean), torch.zeros_like(mean)
         if kernel > 1:
-            C = torch.kron(C, torch.eye(kernel, dtype=C.dtype, device=C.device))
+            cov = torch.kron(cov, torch.eye(kernel, dtype=cov.dtype, device=cov.device))
             mean = mean.repeat_interleave(kernel)
-        return C, mean
+        return cov, mean
+
+    def metric(self, kernel: int, centred: bool, taps_are_outputs: bool = False) -> tuple[Tensor, Tensor]:
+        """(C, mean): the covariance (centred) or the second moment E[x xᵀ] (not centred), and the mean row."""
+        cov, mean = self.covariance(kernel, taps_are_outputs)
+        return (cov if centred else cov + torch.outer(mean, mean)), mean

@@ -52,17 +52,19 @@ def _to_factors(A: Tensor, F: Tensor, w: Tensor, n: int, transposed: bool) -> tu
 
 
 class _Scorer:
-    """Relative held-out output error of a weight error E, with the bias correction E·mean_fit when used."""
+    """Relative held-out output error of a weight error E: E[‖E(x − shift)‖²] / E[‖W x‖²] with x the held-out
+    rows, = tr(E Σ Eᵀ) + ‖E(m − shift)‖² for their covariance Σ and mean m (shift: the fit's mean for a fit
+    with bias correction, 0 otherwise). Written with Σ, not E[x xᵀ], so a large mean cancels nothing."""
 
-    def __init__(self, W: Tensor, held: Moments, kernel: int) -> None:
-        self.C, self.mean = held.metric(kernel, centred=False)  # non-centred second moment, mean
-        self.total = output_error2(W, self.C)
+    def __init__(self, W: Tensor, held: Moments, view: InputView) -> None:
+        self.cov, self.mean = held.covariance(view.kernel, view.taps_are_outputs)
+        self.cov, self.mean = self.cov.to(W.device), self.mean.to(W.device)
+        Wm = W @ self.mean
+        self.total = output_error2(W, self.cov) + float(Wm @ Wm)
 
     def __call__(self, E: Tensor, shift: Tensor | None) -> float:
-        err2 = output_error2(E, self.C)
-        if shift is not None:
-            Es = E @ shift
-            err2 += float(Es @ Es) - 2 * float(Es @ (E @ self.mean))
+        Em = E @ (self.mean - shift if shift is not None else self.mean)
+        err2 = output_error2(E, self.cov) + float(Em @ Em)
         return math.sqrt(max(err2, 0.0) / self.total) if self.total > 0 else 0.0
 
 
@@ -97,11 +99,10 @@ def fit_weight(p: KronParametrization, factors: list[Tensor], dense: Tensor, bia
     for c, w in enumerate(dense.detach().chunk(p.chunks)):
         W = _to_matrix(w, view.transposed)
         src = view.sources[c]
-        centred = (cfg.method != "weight" and cfg.bias_correction and bias is not None
-                   and not (view.transposed and view.kernel > 1))
-        C, mean = fit[src].metric(view.kernel, centred)
-        C = C.to(W.device)
-        score = _Scorer(W, held[src], view.kernel)
+        centred = cfg.method != "weight" and cfg.bias_correction and bias is not None and not view.taps_are_outputs
+        C, mean = fit[src].metric(view.kernel, centred, view.taps_are_outputs)
+        C, mean = C.to(W.device), mean.to(W.device)
+        score = _Scorer(W, held[src], view)
         best = None
         for name, (A, F) in _candidates(W, p, C, cfg).items():
             A = A.reshape(-1, p.n, p.n).double()
