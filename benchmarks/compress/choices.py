@@ -7,7 +7,8 @@
 (c) distillation settings after 5 % of the dense steps from the weight-only and from the calibrated n=2 start:
     lr, loss (MSE vs KL at temperature 1 and 2), freeze_norm_stats, feature matching (Task.features).
 
-    python -m benchmarks.compress.choices [--tasks ...] [--seeds 2] [--out out/compress/choices] [--fresh]
+    python -m benchmarks.compress.choices [--tasks ...] [--seeds 2] [--out out/compress/choices]
+        [--runs REGEX] [--fresh]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import copy
 import functools
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -40,12 +42,15 @@ DISTILL_VARIANTS: dict[str, dict[str, Any]] = {
 class TaskChoices:
     """The three groups of measurements for one task, each run cached per (run, seed)."""
 
-    def __init__(self, task: Task, seeds: list[int], cache: Cache, skipped: list[dict]) -> None:
-        self.task, self.seeds, self.cache, self.skipped = task, seeds, cache, skipped
+    def __init__(self, task: Task, seeds: list[int], cache: Cache, skipped: list[dict], runs: str = "") -> None:
+        self.task, self.seeds, self.cache, self.skipped, self.runs = task, seeds, cache, skipped, runs
         self.teacher = task.trained(0)
         self.calibrated = common.supports("calibration")
 
     def _run(self, group: str, run: str, seeds: list[int], needs: tuple[str, ...], fn: Any) -> list[dict]:
+        if not re.search(self.runs, f"{group}/{run}"):   # not computed here: taken from the cache where it is there
+            recs = [self.cache.get(self.task.name, f"{group}/{run}", s) for s in seeds]
+            return [{**r, "group": group, "name": run} for r in recs if r is not None]
         note = missing(*needs)
         if note is not None:
             print(f"  {self.task.name:11s} {group}/{run}: {note}", flush=True)
@@ -164,13 +169,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--out", type=Path, default=OUT / "choices")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", default="", help="regex on group/run: compute only those (others: from the cache)")
     ap.add_argument("--fresh", action="store_true", help="recompute cached runs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cache, skipped, records, dense = Cache(args.out / "runs", args.fresh), [], [], {}
     for name in args.tasks.split(","):
         print(f"== {name}", flush=True)
-        tc = TaskChoices(TASKS[name], list(range(args.seeds)), cache, skipped)
+        tc = TaskChoices(TASKS[name], list(range(args.seeds)), cache, skipped, args.runs)
         dense[name] = TASKS[name].metric(tc.teacher)
         for group in args.groups.split(","):
             records += getattr(tc, group)()
