@@ -218,7 +218,7 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], *, s
             features: Sequence[str] | Mapping[str, str] | None = None, feature_weight: float = 1.0,
             output: Callable[[Any], Tensor] | None = None,
             accumulate: int = 1, device: str | torch.device | None = None, amp: bool | torch.dtype = False,
-            freeze_norm_stats: bool = True, max_grad_norm: float | None = 1.0,
+            freeze_norm_stats: bool = False, max_grad_norm: float | None = 1.0,
             progress: bool = True, checkpoint: str | os.PathLike | None = None, checkpoint_every: int = 0,
             eval_fn: Callable[[nn.Module], float | dict] | None = None, eval_every: int = 0,
             seed: int = 0) -> DistillResult:
@@ -234,7 +234,9 @@ def distill(student: nn.Module, teacher: nn.Module, batches: Iterable[Any], *, s
     max_grad_norm (None: not clipped). device: where the student goes (default: where it is); the teacher runs
     where it is, except that a CPU teacher is moved to `device` for the run and back. amp: autocast, True for
     bf16 on the CPU / fp16 (with a GradScaler) on CUDA, or a dtype. freeze_norm_stats: BatchNorm-style
-    running statistics are left as they are. The teacher is run in eval mode under no_grad and left exactly
+    running statistics are left as they are (off by default: a Kronecker student's activations differ from the
+    teacher's, and re-estimating the statistics was measured to help, a lot after a weight-only warm start —
+    docs/results/compress_trained.md). The teacher is run in eval mode under no_grad and left exactly
     as it was, and so are both models' train/eval flags.
 
     checkpoint: a file written (atomically) every checkpoint_every steps and at the end; if it exists, the run

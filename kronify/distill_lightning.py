@@ -38,7 +38,7 @@ class DistillModule(pl.LightningModule):
                  weight_decay: float = 0.0, warmup: float | int = 0.05, loss: str | Callable = "auto",
                  temperature: float = 1.0, features: Sequence[str] | Mapping[str, str] | None = None,
                  feature_weight: float = 1.0, output: Callable[[Any], Tensor] | None = None,
-                 freeze_norm_stats: bool = True) -> None:
+                 freeze_norm_stats: bool = False) -> None:
         super().__init__()
         check_settings(steps, lr, warmup)
         self.objective = DistillLoss(loss, temperature=temperature, features=features,
