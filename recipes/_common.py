@@ -35,15 +35,19 @@ import torch
 
 import kronify
 import zoo
-from kronify.mri.checkpoint import last_checkpoint
-from kronify.mri.data import SPLITS, DataError, SplitDataset, build_datasets
-from kronify.mri.evaluate import zero_filled_metrics
-from kronify.mri.jobs import default_jobs, run_calls
-from kronify.mri.masks import MASK_TYPES
-from kronify.mri.presets import FAMILIES, PRESETS, Preset, get_preset
+from kronify.mri.training.checkpoint import last_checkpoint
+from kronify.mri.data.datasets import SplitDataset, build_datasets
+from kronify.mri.data.volumes import SPLITS
+from kronify.mri.errors import DataError
+from kronify.mri.experiments.evaluate import zero_filled_metrics
+from kronify.mri.experiments.jobs import default_jobs, run_calls
+from kronify.mri.data.masks import MASK_TYPES
+from kronify.mri.experiments.presets import FAMILIES, PRESETS, Preset, get_preset
 from kronify.mri.protocol import PROTOCOLS, get_protocol
-from kronify.mri.runs import Hardware, RunFolderError, train_and_test
-from kronify.mri.training import PRECISIONS, ZeroFilledStart
+from kronify.mri.errors import RunFolderError
+from kronify.mri.experiments.run import Hardware, train_and_test
+from kronify.mri.training.trainer import PRECISIONS
+from kronify.mri.training.wrappers import ZeroFilledStart
 from zoo.summary import count_flops, count_params
 
 ACCELERATIONS = (4, 8, 16)
@@ -144,7 +148,7 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
 
 
 def resolve_jobs(args: argparse.Namespace, preset: Preset) -> int:
-    """How many runs train at a time (``--jobs``, else the preset's, capped by kronify.mri.jobs.default_jobs);
+    """How many runs train at a time (``--jobs``, else the preset's, capped by kronify.mri.experiments.jobs.default_jobs);
     always 1 for multi-process (DDP) training, which is itself several processes per run."""
     distributed = str(args.devices) not in ("1", "auto") or args.num_nodes != 1 or args.strategy != "auto"
     if args.jobs is None:
@@ -158,7 +162,7 @@ def resolve_jobs(args: argparse.Namespace, preset: Preset) -> int:
 
 
 def train_calls(args: argparse.Namespace, jobs: int, calls: list[tuple[tuple, dict]]) -> list[dict[str, Any]]:
-    """Run :func:`train_and_evaluate` calls ``jobs`` at a time (kronify.mri.jobs.run_calls); side-by-side runs
+    """Run :func:`train_and_evaluate` calls ``jobs`` at a time (kronify.mri.experiments.jobs.run_calls); side-by-side runs
     show no progress bars, whose lines would interleave."""
     if jobs > 1 and not args.no_progress:
         calls = [((argparse.Namespace(**{**vars(a[0]), "no_progress": True}), *a[1:]), k) for a, k in calls]
@@ -191,7 +195,7 @@ def prepare_data(args: argparse.Namespace, preset: Preset, split_file: Path, acc
         if preset.demo_build is None:
             raise RecipeError(f"preset {preset.name!r} is for real fastMRI data: pass --data-path ROOT "
                               "(or use --preset demo)")
-        from kronify.mri.demo import NOTICE, build_demo_dataset
+        from kronify.mri.data.demo import NOTICE, build_demo_dataset
 
         build = preset.demo_build
         tag = "-".join(f"{k}{'x'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
@@ -268,7 +272,7 @@ def train_and_evaluate(
     *,
     zero_filled=None,
 ) -> dict[str, Any]:
-    """Build one variant (seeded by ``--seed``) and train, test and write it with kronify.mri.runs.train_and_test
+    """Build one variant (seeded by ``--seed``) and train, test and write it with kronify.mri.experiments.run.train_and_test
     (resuming when asked); returns its metrics.json content."""
     name = variant_name(preset.model(family).zoo_name, kron_n, algebra)
     if args.resume and last_checkpoint(out_dir / "checkpoints") is None and _is_global_zero():

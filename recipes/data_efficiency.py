@@ -40,12 +40,12 @@ from _common import (
     train_calls,
     variant_name,
 )
-from kronify.mri.data import SliceSubset
-from kronify.mri.evaluate import write_json, zero_filled_metrics
-from kronify.mri.figures import curves_figure, errorbar_figure
-from kronify.mri.presets import FAMILIES
+from kronify.mri.data.datasets import SliceSubset
+from kronify.mri.experiments.evaluate import write_json, zero_filled_metrics
+from kronify.mri.experiments.figures import curves_figure, errorbar_figure
+from kronify.mri.experiments.presets import FAMILIES
 from kronify.mri.protocol import get_protocol
-from kronify.mri.seeds import (
+from kronify.mri.experiments.study import (
     RowOverSeeds,
     compare_rows,
     compare_seed_means,

@@ -9,7 +9,7 @@ SwinMR, Kronecker SwinMR, MoDL and Kronecker MoDL, trained and tested on the sam
 
 A preset may run fewer rows by default (``Preset.table_rows``: the demo leaves out the DDPM U-Net and the
 complex-algebra row, which do not fit its time budget; ``--models unet_ddpm`` runs them). Rows are independent
-runs: ``--jobs N`` (the demo's default: 2) trains N at a time, each in its own process (kronify.mri.jobs).
+runs: ``--jobs N`` (the demo's default: 2) trains N at a time, each in its own process (kronify.mri.experiments.jobs).
 
 ``--protocol paper|fastmri`` (default: the preset's) is named in every table, row, figure title and JSON file.
 
@@ -19,10 +19,10 @@ OUT/comparison_<acc>x.png (reconstructions and error maps of every model on the 
 OUT/curves_<acc>x.png (validation PSNR vs step, dense vs Kronecker) and every run under OUT/runs/<acc>x/<model>/.
 With --resume finished rows are reused and unfinished ones continue from their last checkpoint.
 
-``--seeds N`` trains every row with seeds --seed .. --seed + N - 1 (kronify.mri.seeds; with N > 1 seed s trains
+``--seeds N`` trains every row with seeds --seed .. --seed + N - 1 (kronify.mri.experiments.study; with N > 1 seed s trains
 into runs/<acc>x/<model>/seed<s>/): rows then report mean ± std over the seeds. Every Kronecker row is compared
 with its dense row over the test volumes (Kronecker minus dense, each volume averaged over seeds): mean
-difference, 95 % t and bootstrap CIs and a Wilcoxon p-value (kronify.mri.statistics), in a section of table1.md,
+difference, 95 % t and bootstrap CIs and a Wilcoxon p-value (kronify.mri.experiments.statistics), in a section of table1.md,
 extra columns of table1.csv and each row's ``paired`` entry in table1.json. ``--models unet_ddpm,swinmr,modl``
 runs only those families' rows.
 """
@@ -50,19 +50,19 @@ from _common import (
     train_calls,
     variant_name,
 )
-from kronify.mri.evaluate import (
+from kronify.mri.experiments.evaluate import (
     example_indices,
     machine_description,
     reconstruct_examples,
     write_json,
     zero_filled_metrics,
 )
-from kronify.mri.figures import comparison_figure, curves_figure
-from kronify.mri.jobs import threads_per_job
+from kronify.mri.experiments.figures import comparison_figure, curves_figure
+from kronify.mri.experiments.jobs import threads_per_job
 from kronify.mri.metrics import METRICS, MetricsAccumulator
-from kronify.mri.presets import TABLE1_ROWS, Preset
+from kronify.mri.experiments.presets import TABLE1_ROWS, Preset
 from kronify.mri.protocol import get_protocol
-from kronify.mri.seeds import (
+from kronify.mri.experiments.study import (
     RowOverSeeds,
     compare_rows,
     compare_seed_means,
@@ -71,7 +71,7 @@ from kronify.mri.seeds import (
     seed_list,
     seed_run_dir,
 )
-from kronify.mri.statistics import PairedComparison, SeedComparison, SeedSummary
+from kronify.mri.experiments.statistics import PairedComparison, SeedComparison, SeedSummary
 
 # (label, family, kron_n, algebra); family None is zero-filling.
 ROWS: list[tuple[str, str | None, int, str]] = list(TABLE1_ROWS)
@@ -455,9 +455,9 @@ def write_table(out: Path, preset, lines: list[list[str]], csv_rows: list[dict],
         + (" (perceptual term off: no VGG19 weights are shipped)." if preset.gamma == 0 else "."),
         *(["- Short-run aids (demo/tiny presets): random global phase per training sample (exact for MRI data) "
            "and every model wrapped so it starts from the zero-filled image (one extra scalar parameter, "
-           "kronify.mri.training.ZeroFilledStart). The paper preset uses neither."]
+           "kronify.mri.training.wrappers.ZeroFilledStart). The paper preset uses neither."]
           if preset.phase_augment or preset.zero_filled_start else []),
-        *([f"- Training-time augmentation of every training slice before masking (kronify.mri.augment): "
+        *([f"- Training-time augmentation of every training slice before masking (kronify.mri.data.augment): "
            f"{preset.augment.describe()}; validation and test slices are never augmented."]
           if preset.augment is not None and preset.augment.describe() != "off" else []),
         seeds_note,
