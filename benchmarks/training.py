@@ -34,10 +34,10 @@ import torch
 import zoo
 from kronify.mri.data.datasets import build_datasets
 from kronify.mri.data.demo import build_demo_dataset
-from kronify.mri.experiments.evaluate import machine_description
-from kronify.mri.experiments.jobs import run_calls
+from kronify.mri.experiments.jobs import machine_description, run_calls
 from kronify.mri.losses import CompositeLoss
-from kronify.mri.experiments.presets import TABLE1_ROWS, Preset, get_preset
+from kronify.mri.experiments.presets import Preset, get_preset
+from kronify.mri.paper import TABLE1_ROWS
 from kronify.mri.training.data_module import ReconDataModule
 from kronify.mri.training.module import ReconModule
 from kronify.mri.training.trainer import make_trainer

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-from _common import RecipeError, build_model
-from kronify.mri.errors import DataError
+from kronify.mri.errors import DataError, RecipeError, RunError
 from kronify.mri.experiments.evaluate import RECONSTRUCTIONS, evaluate_run
 from kronify.mri.experiments.presets import get_preset
 from kronify.mri.protocol import PROTOCOLS
-from kronify.mri.errors import RunError
-from kronify.mri.experiments.run_folder import TrainedRun
+from kronify.mri.experiments.run_folder import RunRecord
+from zoo.build import build_model
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -66,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.batch_size is not None and args.batch_size < 1:
             raise RecipeError(f"--batch-size must be >= 1, got {args.batch_size}")
         device = resolve_device(args.device)
-        run = TrainedRun.open(args.run)
+        run = RunRecord.open(args.run)
         info = run.info
         try:
             preset = get_preset(info["preset"])

@@ -44,6 +44,7 @@ from kronify.mri.protocol import Protocol, get_protocol
 
 __all__ = [
     "METRICS",
+    "TABLE_METRICS",
     "MetricsAccumulator",
     "default_lpips",
     "phase_error",
@@ -53,6 +54,10 @@ __all__ = [
 ]
 
 METRICS = ("ssim", "psnr", "nmse", "phase_error", "lpips")
+#: How the result tables show the metrics, in column order: metric -> (column label, decimals). The tables'
+#: columns, cells and JSON numbers are generated from it (kronify.mri.experiments.tables).
+TABLE_METRICS: dict[str, tuple[str, int]] = {"ssim": ("SSIM", 3), "psnr": ("PSNR", 2), "lpips": ("LPIPS", 3),
+                                             "phase_error": ("Phase error rad", 3)}
 
 
 def phase_error(output: Tensor | np.ndarray, target: Tensor | np.ndarray, threshold: float = 0.1) -> float:

@@ -1,19 +1,17 @@
-"""Evaluation: metrics.json, per-volume and per-slice CSVs, a reconstruction figure, example slices; and
-:func:`evaluate_run`, which evaluates a finished recipe run's EMA weights on its test split or on any
+"""Scoring: the zero-filled baseline (:func:`zero_filled_metrics`), the example slices every model is shown on
+(:func:`example_indices`, :func:`reconstruct_examples`), and :func:`evaluate_run`, which evaluates a finished recipe run's EMA weights on its test split or on any
 fastMRI-format folder (``recipes/evaluate.py``), optionally exporting the reconstructions (:mod:`kronify.mri.experiments.export`).
 
 The metrics are :class:`kronify.mri.metrics.MetricsAccumulator`'s (fastMRI SSIM/PSNR/NMSE on magnitudes, phase
 error, LPIPS when its weights are on disk), computed with the EMA weights. During training they come from
 :meth:`kronify.mri.training.module.ReconModule.test_step`, gathered over every process.
-``mean (std)`` are over slices, like the paper's table; the per-volume CSV has fastMRI's volume metrics.
+``mean (std)`` are over slices, like the paper's table; the per-volume CSV has fastMRI's volume metrics. The
+run folder is written by :func:`kronify.mri.experiments.run_folder.write_run`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import platform
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,75 +27,19 @@ from kronify.mri.data.datasets import evaluation_dataset
 from kronify.mri.data.volumes import DEFAULT_ACQUISITIONS
 from kronify.mri.errors import DataError
 from kronify.mri.experiments.export import ReconstructionWriter
-from kronify.mri.experiments.figures import reconstruction_figure
-from kronify.mri.metrics import MetricsAccumulator, write_csv
+from kronify.mri.metrics import MetricsAccumulator
 from kronify.mri.protocol import Protocol, get_protocol
-from kronify.mri.experiments.statistics import paired_comparison
 from kronify.mri.errors import RunError
-from kronify.mri.experiments.run_folder import TrainedRun
+from kronify.mri.experiments.run_folder import RunRecord, write_run
 from kronify.mri.training.wrappers import reconstruct
 
-__all__ = [
-    "FIXED_MASK",
-    "METRICS_KEYS",
-    "RECONSTRUCTIONS",
-    "evaluate_run",
-    "evaluation_dataset",
-    "example_indices",
-    "machine_description",
-    "per_volume",
-    "reconstruct_examples",
-    "versus_zero_filled",
-    "write_json",
-    "write_results",
-    "zero_filled_metrics",
-]
+__all__ = ["FIXED_MASK", "RECONSTRUCTIONS", "evaluate_run", "example_indices", "reconstruct_examples",
+           "zero_filled_metrics"]
 
-#: The keys every metrics.json has (others may follow).
-METRICS_KEYS = ("model", "kron_n", "acceleration", "params", "gflops", "ssim_mean", "ssim_std", "psnr_mean",
-                "psnr_std", "nmse_mean", "phase_error_mean", "lpips_mean", "lpips_std", "train_seconds", "steps")
 #: The folder of :func:`evaluate_run`'s output that holds the exported reconstructions.
 RECONSTRUCTIONS = "reconstructions"
 #: The file of :func:`evaluate_run`'s output that holds the one column mask of a fixed-mask evaluation.
 FIXED_MASK = "mask.npy"
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def machine_description() -> str:
-    """CPU model, usable cores, GPU and library versions, for recording where a result came from."""
-    import pytorch_lightning as pl
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {cores} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"pytorch_lightning {pl.__version__}, {torch.get_num_threads()} torch threads")
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write ``data`` as indented JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -147,88 +89,13 @@ def reconstruct_examples(model: nn.Module | None, dataset: Dataset, indices: Seq
     return examples
 
 
-def _magnitude(x: np.ndarray) -> np.ndarray:
-    return magnitude(torch.as_tensor(x)).numpy()
-
-
-def per_volume(metrics: MetricsAccumulator, metric: str) -> dict[str, float]:
-    """``{volume: metric}`` at the accumulator's scope: fastMRI's volume metric (``fastmri``), or the mean of
-    the volume's slice metrics (``paper``, which scores slices), as kronify.mri.experiments.study reads finished runs."""
-    if metrics.protocol.metric_scope != "slice":
-        return {row["fname"]: float(row[metric]) for row in metrics.volume_rows()}
-    values: dict[str, list[float]] = {}
-    for row in metrics.slice_rows():
-        values.setdefault(row["fname"], []).append(float(row[metric]))
-    return {name: float(np.mean(v)) for name, v in values.items()}
-
-
-def versus_zero_filled(metrics: MetricsAccumulator, zero_filled: MetricsAccumulator) -> dict[str, dict[str, Any]]:
-    """Model minus zero-filling, paired over the scored volumes, for PSNR and SSIM (mean difference, 95 % t and
-    bootstrap CIs, Wilcoxon p: :func:`kronify.mri.experiments.statistics.paired_comparison`); does the model beat it?"""
-    return {m: paired_comparison(per_volume(metrics, m), per_volume(zero_filled, m)).as_dict() for m in ("psnr", "ssim")}
-
-
-def write_results(
-    out_dir: str | os.PathLike,
-    info: Mapping[str, Any],
-    metrics: MetricsAccumulator,
-    examples: Sequence[Mapping[str, Any]] = (),
-    *,
-    zero_filled: MetricsAccumulator | None = None,
-    history: Sequence[Mapping[str, Any]] | None = (),
-) -> dict[str, Any]:
-    """Write ``metrics.json`` (``info`` + the summary; with ``zero_filled``, its summary and the paired
-    model-minus-zero-filled comparison ``vs_zero_filled``), ``per_volume.csv``, ``per_slice.csv``
-    (``zero_filled_per_volume.csv``), ``history.json`` (unless ``history`` is None), ``examples.npz`` and
-    ``reconstruction.png`` into ``out_dir``; returns the metrics.json content. The figure's title names ``info``'s ``protocol`` and ``eval_set`` when present."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = metrics.summary()
-    result: dict[str, Any] = {key: info.get(key) for key in METRICS_KEYS}
-    result.update({k: v for k, v in info.items() if k not in result})
-    result.update(summary)
-    result["lpips_message"] = metrics.lpips_message
-    if zero_filled is not None:
-        zf = zero_filled.summary()
-        result["zero_filled"] = {k: zf[k] for k in ("ssim_mean", "ssim_std", "psnr_mean", "psnr_std", "nmse_mean",
-                                                     "phase_error_mean", "lpips_mean", "lpips_std")}
-        result["vs_zero_filled"] = versus_zero_filled(metrics, zero_filled)
-        write_csv(zero_filled.volume_rows(), out_dir / "zero_filled_per_volume.csv")
-    write_json(out_dir / "metrics.json", result)
-    write_csv(metrics.volume_rows(), out_dir / "per_volume.csv")
-    write_csv(metrics.slice_rows(), out_dir / "per_slice.csv")
-    if history is not None:
-        write_json(out_dir / "history.json", list(history))
-    if examples:
-        np.savez_compressed(
-            out_dir / "examples.npz",
-            fname=np.array([e["fname"] for e in examples]),
-            slice_num=np.array([e["slice_num"] for e in examples]),
-            zero_filled=np.stack([e["zero_filled"] for e in examples]),
-            output=np.stack([e["output"] for e in examples]),
-            target=np.stack([e["target"] for e in examples]),
-        )
-        first = examples[0]
-        protocol = f", {info['protocol']} protocol" if info.get("protocol") else ""
-        label = f"{info.get('model')} ({info.get('acceleration')}x{protocol})"
-        scored = f" on {info['eval_set']}" if info.get("eval_set") else ""
-        reconstruction_figure(
-            out_dir / "reconstruction.png", _magnitude(first["zero_filled"]), _magnitude(first["output"]),
-            _magnitude(first["target"]),
-            title=f"{label}: {first['fname']} slice {first['slice_num']}  |  {'' if scored else 'test '}SSIM "
-                  f"{result['ssim_mean']:.3f}, PSNR {result['psnr_mean']:.2f} dB{scored}",
-            labels={"output": str(info.get("model"))},
-        )
-    return result
-
-
 def _on_device(batch: Any, device: torch.device) -> Any:
     return batch._replace(**{k: v.to(device) for k, v in batch._asdict().items() if isinstance(v, torch.Tensor)})
 
 
 @torch.no_grad()
 def evaluate_run(
-    run: TrainedRun,
+    run: RunRecord,
     model: nn.Module,
     out_dir: str | os.PathLike,
     *,
@@ -311,4 +178,4 @@ def evaluate_run(
         out_dir.mkdir(parents=True, exist_ok=True)
         np.save(out_dir / FIXED_MASK, dataset.transform.mask.numpy())
     examples = reconstruct_examples(model, dataset, example_indices(dataset))
-    return write_results(out_dir, described, metrics, examples, zero_filled=zero_filled, history=None)
+    return write_run(out_dir, described, metrics, examples, zero_filled=zero_filled, history=None)

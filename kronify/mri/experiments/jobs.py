@@ -6,19 +6,24 @@ U-Net, 400 steps: 45 s either way; docs/results/demo_table1.md), so a table of i
 twice as fast two rows at a time. Each worker is a fresh (``spawn``) process, because forking a process whose
 OpenMP threads have started can hang, and it runs ``torch.set_num_threads(threads)``.
 
+:func:`machine_description` records where a result came from (CPU, cores, GPU, library versions, threads).
+
 Every run is seeded by its own arguments, so a run's result does not depend on which worker ran it or when.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import platform
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["Call", "default_jobs", "run_calls", "threads_per_job"]
+__all__ = ["Call", "default_jobs", "machine_description", "run_calls", "threads_per_job"]
 
 #: One function call: (positional arguments, keyword arguments).
 Call = tuple[Sequence[Any], Mapping[str, Any]]
@@ -60,3 +65,19 @@ def run_calls(fn: Callable[..., Any], calls: Sequence[Call], jobs: int = 1, thre
         return [future.result() for future in futures]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def machine_description() -> str:
+    """CPU model, usable cores, GPU and library versions, for recording where a result came from."""
+    import pytorch_lightning as pl
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {cores} cores, {gpu}; Python {platform.python_version()}, torch {torch.__version__}, "
+            f"pytorch_lightning {pl.__version__}, {torch.get_num_threads()} torch threads")

@@ -19,7 +19,8 @@ phase (both exact for MRI data, see :func:`kronify.mri.training.data_module.rota
 overfits the few training volumes), and every model is wrapped in
 :class:`kronify.mri.training.wrappers.ZeroFilledStart` so it starts from the zero-filled image instead of from a
 random output. Numbers from it are pipeline checks on brain images, not a reproduction of the paper.
-:data:`DEMO_NOTES` (``Preset.notes``, printed in the table) states every other choice and what was measured.
+:data:`DEMO_NOTES` (``Preset.notes``, printed in the table) points to docs/results/demo_setup.md, which states
+every other choice and what was measured.
 
 ``tiny`` uses the same switches at toy sizes (tests). ``demo`` and ``tiny`` use the ``fastmri`` protocol by
 default (fastMRI's own transforms are what the demo data's format stands for); both run under either protocol.
@@ -31,28 +32,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kronify.mri.data.augment import AugmentConfig
+from kronify.mri.paper import TABLE1_ROWS
 
-__all__ = ["DEMO_NOTES", "FAMILIES", "PRESETS", "TABLE1_ROWS", "ModelSpec", "Preset", "get_preset"]
+__all__ = ["DEMO_NOTES", "FAMILIES", "PRESETS", "ModelSpec", "Preset", "get_preset"]
 
 #: Model families a recipe can train (the zoo's dense architectures).
 FAMILIES = ("unet", "unet_ddpm", "swinmr", "modl", "lbunet", "efficient_unet")
-
-#: The rows of recipes/table1.py: (label, family, Kronecker n (0: dense), algebra); family None is zero-filling.
-TABLE1_ROWS: tuple[tuple[str, str | None, int, str], ...] = (
-    ("Zero-filled", None, 0, "learned"),
-    ("LB U-Net", "lbunet", 0, "learned"),
-    ("Efficient U-Net", "efficient_unet", 0, "learned"),
-    ("U-Net", "unet_ddpm", 0, "learned"),
-    ("Kronecker U-Net", "unet_ddpm", 2, "learned"),
-    ("U-Net (fastMRI)", "unet", 0, "learned"),
-    ("Kronecker U-Net (fastMRI)", "unet", 2, "learned"),
-    ("Kronecker U-Net (fastMRI, complex algebra)", "unet", 2, "complex"),
-    ("SwinMR", "swinmr", 0, "learned"),
-    ("Kronecker SwinMR", "swinmr", 2, "learned"),
-    ("MoDL", "modl", 0, "learned"),
-    ("Kronecker MoDL", "modl", 2, "learned"),
-)
-
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -148,29 +133,10 @@ PAPER = Preset(
     protocol="paper",
 )
 
+#: The demo preset's notes in table1.md; the choices and their measurements are in docs/results/demo_setup.md.
 DEMO_NOTES = (
-    "Demo set-up (measured on the demo data at 4x, seed 0, one run per setting; gains over zero-filling on the 8 "
-    "test volumes; docs/results/demo_table1.md lists every measurement): a few hundred steps are too few "
-    "(every curve still rising), and longer runs without augmentation overfit the 15 training volumes "
-    "(U-Net: validation peaks at step 600 and falls; 1,200 steps +2.27 dB against +2.44 at 400).",
-    "Chosen: random row/column flips of every training slice before masking (AugmentConfig.flips_only; U-Net "
-    "1,600 steps: +3.86 dB, against +3.59 with every augmentation lever); 1,600 steps for the fastMRI U-Net "
-    "(16 channels), 1,000 for MoDL (32 features; 16 features left Kronecker MoDL at +2.57 dB after 1,500 steps), "
-    "600 for the Efficient U-Net (+2.76 dB), 1,000 for SwinMR on random 48x48 patches (800 steps: +2.31 dB; "
-    "whole slices, 400 steps: +2.45 dB in 1.3x the time), the LB U-Net at the paper's size (1.03 M parameters; "
-    "800 steps: +2.05 dB; the original 41 k-parameter widths: +0.92 dB after 1,600 steps) for 1,200 steps, "
-    "validation every 200 steps; two runs at a time with one torch "
-    "thread each (--jobs 2: as fast per run as one run with two threads, so the table trains in half the time).",
-    "Not in the demo's default rows: the paper's DDPM-style U-Net (0.5 s a step on 2 cores; +1.03 dB after 300 "
-    "steps; `--models unet_ddpm` runs it) and the complex-algebra Kronecker U-Net (`--models unet` with the tiny "
-    "or paper preset, or recipes/unet_fastmri.py --algebra complex).",
-    "Measured and not used: every augmentation lever together (rotation, zoom, elastic, gamma, bias field, phase "
-    "map, noise: -0.27 dB against flips alone at 1,600 steps); a residual start with the U-Net's last layer "
-    "zeroed and its gain at 1 (-0.22 dB at 400 steps); lr 2e-3 (Kronecker MoDL -1.4 dB); a cosine schedule "
-    "with warm-up (-0.4 to -0.5 dB at 400 steps); batch 16 (+0.3 dB for 2.5x the time); more, shorter slabs "
-    "(-0.6 dB); the PD-like contrast from nilearn's tissue maps (not tried: flips already remove the overfitting).",
-    "All of these carry over to real data unchanged (widths, initialisation, steps, flips, patches); the other "
-    "kronify.mri.data.augment levers and the cosine schedule stay available (Preset.augment, Preset.schedule).",
+    "Demo set-up: every choice (steps and widths per model, flips, SwinMR's patches, the LB U-Net's size, two runs "
+    "at a time) and what it was measured to give, with the levers measured and not used: docs/results/demo_setup.md.",
 )
 
 DEMO = Preset(

@@ -1,39 +1,45 @@
-"""Train one reconstruction model under a preset, test its EMA weights and write the run folder.
+"""One run: train a reconstruction model under a preset, test its EMA weights and write its run folder.
 
-:func:`train_and_test` is what every recipe runs for each of its models (recipes/_common.py builds the zoo
-model and reads the command line): Lightning training with the preset's loss, learning-rate schedule, EMA,
-augmentation and training patches, then the test split scored with the EMA weights and written by
-:func:`kronify.mri.experiments.evaluate.write_results` (metrics.json with the paired comparison against zero-filling,
-CSVs, figure, examples, validation history, checkpoints and logs). From Python it trains any model that maps a
-zero-filled image to an image (or, with ``needs_kspace``, also takes k-space and mask, as MoDL does)::
+- :func:`train_and_test` trains any model that maps a zero-filled image to an image (or, with ``needs_kspace``,
+  also takes k-space and mask, as MoDL does): Lightning training with the preset's loss, learning-rate schedule,
+  EMA, augmentation and training patches, then the test split scored with the EMA weights and written by
+  :func:`kronify.mri.experiments.run_folder.write_run` (metrics.json with the paired comparison against
+  zero-filling, CSVs, figure, examples, validation history, checkpoints and logs)::
 
-    result = train_and_test(model, get_preset("demo"), datasets, "out/my_model", seed=0)
+      result = train_and_test(model, get_preset("demo"), datasets, "out/my_model", seed=0)
+
+- A :class:`RunSpec` (frozen: family, Kronecker n, algebra, name, acceleration, masks, seed, folder, hardware) is
+  what the recipes send to worker processes; :func:`train_run` builds its model with a model factory (the
+  recipes pass ``zoo.build.build_run_model``; kronify.mri never imports zoo) and runs :func:`train_and_test`;
+  :func:`train_runs` runs several, ``jobs`` at a time (:mod:`kronify.mri.experiments.jobs`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 from torch import nn
 
-from kronify.mri.training.checkpoint import last_checkpoint
-from kronify.mri.experiments.evaluate import example_indices, reconstruct_examples, write_results, zero_filled_metrics
+from kronify.mri.errors import RecipeError, RunFolderError
+from kronify.mri.experiments.evaluate import example_indices, reconstruct_examples, zero_filled_metrics
+from kronify.mri.experiments.jobs import run_calls
+from kronify.mri.experiments.presets import Preset
+from kronify.mri.experiments.run_folder import write_run
+from kronify.mri.experiments.setup import Data, MaskSettings, is_global_zero
 from kronify.mri.losses import CompositeLoss
 from kronify.mri.metrics import MetricsAccumulator
-from kronify.mri.experiments.presets import Preset
 from kronify.mri.protocol import get_protocol
+from kronify.mri.training.checkpoint import last_checkpoint
 from kronify.mri.training.data_module import ReconDataModule
 from kronify.mri.training.module import ReconModule
 from kronify.mri.training.trainer import make_trainer
 
-from kronify.mri.errors import RunFolderError
-
-__all__ = ["Hardware", "RunFolderError", "train_and_test"]
-
+__all__ = ["Hardware", "ModelFactory", "RunSpec", "train_and_test", "train_run", "train_runs"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,34 @@ class Hardware:
     strategy: str = "auto"
     grad_clip: float | None = None
     progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run to train and test: the preset's model ``family`` (``kron_n`` 0: dense, >= 2: Kronecker with that
+    n and ``algebra``), named ``name`` (``zoo.variant_name``), at ``acceleration`` with ``masks``, seeded by
+    ``seed`` (model init, data order, masks), written into ``out_dir``; ``max_steps`` None: the preset's;
+    ``resume`` continues from the folder's last checkpoint."""
+
+    family: str
+    kron_n: int
+    algebra: str
+    name: str
+    acceleration: int
+    masks: MaskSettings
+    out_dir: Path
+    seed: int = 0
+    max_steps: int | None = None
+    resume: bool = False
+    hardware: Hardware = Hardware()
+
+    def at(self, out_dir: str | os.PathLike, seed: int | None = None) -> RunSpec:
+        """The same run in another folder (and with another seed)."""
+        return replace(self, out_dir=Path(out_dir), seed=self.seed if seed is None else seed)
+
+
+#: Builds the model of a run: ``(spec, preset) -> (model, its cost for metrics.json: params, gflops, gflops_size)``.
+ModelFactory = Callable[[RunSpec, Preset], tuple[nn.Module, Mapping[str, Any]]]
 
 
 def train_and_test(
@@ -116,5 +150,44 @@ def train_and_test(
         "metrics_over": "slices" if protocol.metric_scope == "slice" else "volumes",
         **(info or {}),
     }
-    return write_results(out_dir, run_info, module.test_metrics, examples, zero_filled=zero_filled,
+    return write_run(out_dir, run_info, module.test_metrics, examples, zero_filled=zero_filled,
                          history=module.history)
+
+
+def train_run(spec: RunSpec, preset: Preset, data: Data, build: ModelFactory, *,
+              zero_filled: MetricsAccumulator | None = None) -> dict[str, Any]:
+    """Build ``spec``'s model (seeded by its seed) with ``build`` and train, test and write it with
+    :func:`train_and_test` (resuming when asked); returns its metrics.json content ({} on a non-zero DDP rank)."""
+    if spec.resume and last_checkpoint(spec.out_dir / "checkpoints") is None and is_global_zero():
+        print(f"--resume: no checkpoint in {spec.out_dir / 'checkpoints'}, starting {spec.name} from scratch",
+              flush=True)
+    pl.seed_everything(spec.seed, workers=True, verbose=False)
+    model, cost = build(spec, preset)
+    info = {"model": spec.name, "kron_n": spec.kron_n, "algebra": spec.algebra if spec.kron_n else None,
+            "acceleration": spec.acceleration, **cost,
+            "data": "demo" if data.is_demo else str(data.root), "data_root": str(data.root.resolve()),
+            **spec.masks.as_dict()}
+    try:
+        result = train_and_test(model, preset, data.datasets, spec.out_dir, family=spec.family, seed=spec.seed,
+                                max_steps=spec.max_steps, resume=spec.resume, hardware=spec.hardware,
+                                zero_filled=zero_filled, info=info)
+    except RunFolderError as err:
+        raise RecipeError(str(err)) from err
+    if result:
+        zf = result["zero_filled"]
+        print(f"{spec.name} {spec.acceleration}x ({result['protocol']} protocol): test SSIM {result['ssim_mean']:.4f} "
+              f"(zero-filled {zf['ssim_mean']:.4f}), PSNR {result['psnr_mean']:.2f} dB (zero-filled "
+              f"{zf['psnr_mean']:.2f}), {result['steps']} steps in {result['train_seconds']:.0f} s -> "
+              f"{spec.out_dir / 'metrics.json'}", flush=True)
+    return result
+
+
+def train_runs(runs: Sequence[tuple[RunSpec, Data]], preset: Preset, build: ModelFactory, jobs: int = 1, *,
+               zero_filled: MetricsAccumulator | None = None) -> list[dict[str, Any]]:
+    """:func:`train_run` for each (spec, data), ``jobs`` at a time, each in its own process
+    (:func:`kronify.mri.experiments.jobs.run_calls`); side-by-side runs show no progress bars, whose lines would
+    interleave. Returns the metrics.json contents in order ({} from a non-zero DDP rank)."""
+    if jobs > 1:
+        runs = [(replace(spec, hardware=replace(spec.hardware, progress_bar=False)), data) for spec, data in runs]
+    return run_calls(train_run, [((spec, preset, data, build), {"zero_filled": zero_filled}) for spec, data in runs],
+                     jobs)

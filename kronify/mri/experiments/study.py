@@ -1,23 +1,21 @@
-"""A table row trained with several seeds: where each seed's run lives, the row's numbers over seeds, and the
-paired comparison of a Kronecker row with its dense row over the same test volumes.
+"""Studies: model variants (:class:`~kronify.mri.experiments.run.RunSpec`) trained with several seeds, read back
+as table rows and compared; what recipes/table1.py and recipes/data_efficiency.py share.
 
-A *run* is one finished recipe output folder (``metrics.json``, ``per_volume.csv``, ``per_slice.csv``); a *row*
-is the same model trained with seeds ``s0, s0 + 1, ...``. With one seed a row is exactly its run (the folder
-layout of a single-seed table is unchanged); with several, seed ``s`` trains into ``<row dir>/seed<s>/``.
+A *run* is one finished run folder (:class:`~kronify.mri.experiments.run_folder.RunRecord`); a *row* is the same
+model trained with seeds ``s0, s0 + 1, ...``. With one seed a row is exactly its run (the folder layout of a
+single-seed table is unchanged); with several, seed ``s`` trains into ``<row dir>/seed<s>/``
+(:func:`seed_runs`). :func:`train_pending` trains the runs not finished yet, several at a time.
 
 :func:`row_over_seeds` reads the runs of a row: each metric's mean ± sample std over seeds
-(:func:`kronify.mri.experiments.statistics.summarize_seeds`) and each seed's per-volume values. :func:`compare_rows` pairs
-a Kronecker row with its dense row volume by volume (each volume averaged over seeds first,
-:func:`kronify.mri.experiments.statistics.paired_comparison`); :func:`compare_seed_means` asks whether the difference
-is larger than the seed-to-seed spread (Welch's t-test of the per-seed means). Per-volume values follow the
-run's protocol: fastMRI's volume metrics (``per_volume.csv``) when the run scores volumes, the mean of the
-volume's slice metrics (``per_slice.csv``) when it scores slices, as the paper's protocol does.
+(:func:`kronify.mri.experiments.statistics.summarize_seeds`) and each seed's per-volume values. :func:`compare_rows`
+pairs a Kronecker row with its dense row volume by volume (each volume averaged over seeds first,
+:func:`kronify.mri.experiments.statistics.paired_comparison`); :func:`compare_seed_means` asks whether the
+difference is larger than the seed-to-seed spread (Welch's t-test of the per-seed means). Per-volume values
+follow the run's protocol (:meth:`~kronify.mri.experiments.run_folder.RunRecord.per_volume`).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -25,8 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from kronify.mri.experiments.presets import Preset
+from kronify.mri.experiments.run import ModelFactory, RunSpec, train_runs
+from kronify.mri.experiments.run_folder import RunRecord
+from kronify.mri.experiments.setup import Data
+from kronify.mri.metrics import MetricsAccumulator
 from kronify.mri.experiments.statistics import (
     PairedComparison,
     SeedComparison,
@@ -37,7 +38,8 @@ from kronify.mri.experiments.statistics import (
 )
 
 __all__ = ["COMPARED_METRICS", "RowOverSeeds", "compare_rows", "compare_seed_means", "comparison_dicts",
-           "per_volume_values", "row_over_seeds", "seed_list", "seed_run_dir"]
+           "per_volume_values", "read_row", "row_over_seeds", "seed_list", "seed_run_dir", "seed_runs",
+           "train_pending"]
 
 #: Metrics whose Kronecker-minus-dense difference the tables report (higher is better for both).
 COMPARED_METRICS = ("psnr", "ssim")
@@ -59,45 +61,60 @@ def seed_run_dir(row_dir: str | os.PathLike, seed: int, n_seeds: int) -> Path:
 
 
 def per_volume_values(run_dir: str | os.PathLike, metric: str) -> dict[str, float]:
-    """``{volume: metric}`` of a finished run, at the run's own scope (see the module docstring)."""
-    run_dir = Path(run_dir)
-    info = json.loads((run_dir / "metrics.json").read_text())
-    by_slice = info.get("metrics_over") == "slices"
-    path = run_dir / ("per_slice.csv" if by_slice else "per_volume.csv")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or metric not in rows[0]:
-        raise ValueError(f"{path} has no {metric!r} column (columns: {list(rows[0]) if rows else 'none'})")
-    values: dict[str, list[float]] = {}
-    for row in rows:
-        values.setdefault(row["fname"], []).append(float(row[metric]))
-    return {name: float(np.mean(v)) for name, v in values.items()}
+    """``{volume: metric}`` of a finished run, at the run's own scope (:meth:`RunRecord.per_volume`)."""
+    return RunRecord.read(run_dir).per_volume(metric)
+
+
+def seed_runs(spec: RunSpec, seeds: Sequence[int]) -> list[RunSpec]:
+    """``spec`` (its ``out_dir`` the row's folder) once per seed, each in its seed's folder (:func:`seed_run_dir`)."""
+    return [spec.at(seed_run_dir(spec.out_dir, seed, len(seeds)), seed) for seed in seeds]
+
+
+def train_pending(runs: Sequence[tuple[RunSpec, Data]], preset: Preset, build: ModelFactory, jobs: int = 1, *,
+                  zero_filled: MetricsAccumulator | None = None) -> bool:
+    """Train (:func:`~kronify.mri.experiments.run.train_runs`) the runs that are not finished yet; a run with
+    ``resume`` whose folder holds a finished run is reused. False on a non-zero DDP rank (rank 0 writes tables)."""
+    pending = []
+    for spec, data in runs:
+        if spec.resume and RunRecord.is_finished(spec.out_dir):
+            print(f"{spec.name} {spec.acceleration}x seed {spec.seed}: reusing its finished run", flush=True)
+        else:
+            pending.append((spec, data))
+    return all(train_runs(pending, preset, build, jobs, zero_filled=zero_filled))
 
 
 @dataclass(frozen=True)
 class RowOverSeeds:
-    """One table row over its seeds: each seed's metrics.json, and each metric's summary over seeds."""
+    """One table row over its seeds: each seed's run, and each metric's summary over seeds."""
 
     seeds: tuple[int, ...]
-    runs: tuple[dict[str, Any], ...]  # metrics.json of each seed, in seed order
-    run_dirs: tuple[Path, ...]
+    records: tuple[RunRecord, ...]  # in seed order
     summaries: dict[str, SeedSummary]  # metric -> mean ± std over seeds of the runs' means
 
     @property
-    def first(self) -> dict[str, Any]:
+    def runs(self) -> tuple[Mapping[str, Any], ...]:
+        """Each seed's metrics.json, in seed order."""
+        return tuple(r.info for r in self.records)
+
+    @property
+    def run_dirs(self) -> tuple[Path, ...]:
+        return tuple(r.path for r in self.records)
+
+    @property
+    def first(self) -> Mapping[str, Any]:
         """The first seed's metrics.json (params, FLOPs and the model name are the same for every seed)."""
-        return self.runs[0]
+        return self.records[0].info
 
     def per_volume(self, metric: str) -> list[dict[str, float]]:
         """Each seed's ``{volume: metric}``."""
-        return [per_volume_values(d, metric) for d in self.run_dirs]
+        return [r.per_volume(metric) for r in self.records]
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: seeds, each seed's means and the summaries over seeds."""
         return {"seeds": list(self.seeds),
-                "per_seed": {m: [r.get(f"{m}_mean") for r in self.runs] for m in self.summaries},
+                "per_seed": {m: [r.mean(m) for r in self.records] for m in self.summaries},
                 "over_seeds": {m: {"mean": s.mean, "std": s.std, "n": s.n} for m, s in self.summaries.items()},
-                "train_seconds": [r.get("train_seconds") for r in self.runs]}
+                "train_seconds": [r.info.get("train_seconds") for r in self.records]}
 
 
 def row_over_seeds(run_dirs: Sequence[str | os.PathLike], seeds: Sequence[int]) -> RowOverSeeds:
@@ -105,21 +122,21 @@ def row_over_seeds(run_dirs: Sequence[str | os.PathLike], seeds: Sequence[int]) 
     if len(run_dirs) != len(seeds) or not run_dirs:
         raise ValueError(f"row_over_seeds needs one run folder per seed, got {len(run_dirs)} folders for "
                          f"seeds {list(seeds)}")
-    dirs = tuple(Path(d) for d in run_dirs)
-    runs = []
-    for d in dirs:
-        if not (d / "metrics.json").is_file():
-            raise FileNotFoundError(f"{d} holds no finished run (no metrics.json)")
-        runs.append(json.loads((d / "metrics.json").read_text()))
-    models = {r.get("model") for r in runs}
+    records = tuple(RunRecord.read(d) for d in run_dirs)
+    models = {r.model for r in records}
     if len(models) != 1:
         raise ValueError(f"the runs of one row must train the same model, got {sorted(map(str, models))}")
     summaries = {}
     for metric in SUMMARISED_METRICS:
-        values = [r.get(f"{metric}_mean") for r in runs]
+        values = [r.mean(metric) for r in records]
         if all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
             summaries[metric] = summarize_seeds(values)
-    return RowOverSeeds(tuple(seeds), tuple(runs), dirs, summaries)
+    return RowOverSeeds(tuple(seeds), records, summaries)
+
+
+def read_row(spec: RunSpec, seeds: Sequence[int]) -> RowOverSeeds:
+    """The row of ``spec`` (its ``out_dir`` the row's folder) over ``seeds``."""
+    return row_over_seeds([s.out_dir for s in seed_runs(spec, seeds)], seeds)
 
 
 def compare_rows(kron: RowOverSeeds, dense: RowOverSeeds,

@@ -23,10 +23,11 @@ from fastmri.data.subsample import RandomMaskFunc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kronify.mri.experiments.evaluate import FIXED_MASK, METRICS_KEYS
+from kronify.mri.experiments.evaluate import FIXED_MASK
+from kronify.mri.experiments.run_folder import METRICS_KEYS
 from kronify.mri.experiments.export import SLICE_INDEX, ReconstructionWriter
 from kronify.mri.errors import RunError
-from kronify.mri.experiments.run_folder import TrainedRun
+from kronify.mri.experiments.run_folder import RunRecord
 
 REPO = Path(__file__).resolve().parents[3]
 RECIPES = REPO / "recipes"
@@ -252,7 +253,7 @@ def test_trained_run_loads_the_ema_weights_not_the_live_ones(tmp_path):
     live, ema = torch.zeros(3), torch.arange(3.0)
     torch.save({"state_dict": {"model.weight": live, "ema.module.weight": ema, "ema.num_updates": torch.tensor(5)}},
                tmp_path / "checkpoints" / "last.ckpt")
-    run = TrainedRun.open(tmp_path)
+    run = RunRecord.open(tmp_path)
     model = torch.nn.Module()
     model.weight = torch.nn.Parameter(torch.full((3,), 7.0))
     assert torch.equal(run.load_ema_weights(model).weight.detach(), ema)

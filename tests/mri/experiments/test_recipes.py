@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kronify.mri.experiments.evaluate import METRICS_KEYS
+from kronify.mri.experiments.run_folder import METRICS_KEYS
 
 REPO = Path(__file__).resolve().parents[3]
 RECIPES = REPO / "recipes"
