@@ -59,8 +59,7 @@ BEFORE = {"lbunet_small": (108, 37.0, 400), "efficient_unet": (253, 15.8, 300), 
 
 
 def row_name(preset: Preset, family: str, n: int, algebra: str) -> str:
-    name = preset.model(family).zoo_name
-    return name if n == 0 else f"kron_{name}" + ("_complex" if algebra == "complex" else "")
+    return zoo.variant_name(preset.model(family).zoo_name, n, algebra)
 
 
 def build(preset: Preset, family: str, n: int = 0, algebra: str = "learned") -> torch.nn.Module:

@@ -299,7 +299,7 @@ def test_a_presets_training_patches_apply_under_the_fastmri_protocol_too(demo_ro
     import dataclasses
 
     import _common
-    from kronify.mri import presets
+    from kronify.mri.experiments import presets
 
     tiny_preset = presets.PRESETS["tiny"]
     patched = dataclasses.replace(tiny_preset, models={
