@@ -199,3 +199,15 @@ def test_swinmr_any_size(h, w):
     x = torch.randn(1, 2, h, w)
     with torch.no_grad():
         assert model(x).shape == x.shape
+
+
+def test_variant_names_are_built_once_by_the_registry():
+    from zoo.registry import parse_name, variant_name
+
+    assert variant_name("unet_demo", 0) == "unet_demo"
+    assert variant_name("unet_demo", 2) == "kron_unet_demo"
+    assert variant_name("unet_demo", 4) == "kron_unet_demo_n4"
+    assert variant_name("unet_demo", 2, "complex") == "kron_unet_demo_complex"
+    for name in zoo.dense_names():
+        assert parse_name(variant_name(name, 2)) == (name, True, "learned")
+        assert parse_name(variant_name(name, 2, "complex")) == (name, True, "complex")
