@@ -130,7 +130,7 @@ def loader_run(dataset, workers: int, repeats: int) -> dict:
 def markdown(result: dict) -> str:
     m, full = result["machine"], result["full_transform"]
     lines = [
-        "# Loader benchmark (kronify.mri.data.volumes, 320x320 crop)",
+        "# Loader benchmark (kronify.mri.data, 320x320 crop)",
         "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, load average at start {m['load_average_at_start']}; "
         f"torch {m['torch']} ({m['torch_threads']} thread), fastmri {m['fastmri']}.",

@@ -1,6 +1,6 @@
 """Every error kronify.mri raises on purpose; each message names the file, folder, flag or value at fault.
 
-- :class:`DataError`: bad data files or a selection that does not fit them (kronify.mri.data.volumes).
+- :class:`DataError`: bad data files or a selection that does not fit them (kronify.mri.data).
 - :class:`MissingWeightsError`: pretrained backbone weights needed but not on disk (kronify.mri.backbones).
 - :class:`RunFolderError`: a run that cannot start: its folder already holds one, or the set-up does not fit the
   model (kronify.mri.experiments.run).

@@ -1,4 +1,4 @@
-"""kronify.mri.data.volumes: the slices a model is trained and scored on. Import the module you need.
+"""kronify.mri.data: the slices a model is trained and scored on. Import the module you need.
 
 - :mod:`~kronify.mri.data.volumes`     scan a fastMRI single-coil folder (checked h5 volumes), split it by volume
 - :mod:`~kronify.mri.data.datasets`    datasets of a split (train/val/test) and of an evaluation; their shared checks

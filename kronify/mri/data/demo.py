@@ -2,7 +2,7 @@
 
 ``python -m kronify.mri.data.demo --out DIR [--nifti PATH] [--cases N|all] [--seed S] [--crop C] [--matrix H W] [--slices K]``
 or :func:`build_demo_dataset` writes ``DIR/singlecoil_train/*.h5`` and ``DIR/singlecoil_val/*.h5`` that
-``fastmri.data.SliceDataset(challenge="singlecoil")`` and :mod:`kronify.mri.data.volumes` read exactly like the real
+``fastmri.data.SliceDataset(challenge="singlecoil")`` and :mod:`kronify.mri.data.datasets` read exactly like the real
 fastMRI knee files: ``kspace`` complex64 (slices, H, W) with readout oversampling x2 (H = 2 x crop, like
 fastMRI's 640 -> 320) and W slightly wider than the crop (like 368 -> 320), ``reconstruction_esc`` float32
 (slices, crop, crop) = |centre crop of fastmri.ifft2c(kspace)|, an ISMRMRD XML ``ismrmrd_header``
