@@ -5,7 +5,7 @@ Writes benchmarks/results/loader.json and loader.md.
 
 It builds a temporary demo dataset with fastMRI's single-coil geometry (k-space 640x368, crop 320x320),
 then times ``dataset[i]`` of the training split: fastmri's ``SliceDataset`` reads the slice from h5 and
-:class:`kronify.mri.data.MRITransform` does the inverse FFT and crop, the crop's FFT, the random mask, the
+:class:`kronify.mri.data.transforms.MRITransform` does the inverse FFT and crop, the crop's FFT, the random mask, the
 zero-filled inverse FFT and the normalisation. One process with one torch thread is one DataLoader worker
 on one core, so slices/s here is slices/s per worker (the page cache is warm: files are read once first).
 Each stage is also timed on its own to say what dominates. ``--workers N`` adds a DataLoader run with N
@@ -73,7 +73,7 @@ def stages(dataset, repeats: int) -> dict[str, dict]:
     from fastmri.data import transforms as T
 
     from kronify.mri.complex import fft2c_masked, ifft2c_crop
-    from kronify.mri.transform import _scaled_channels_first
+    from kronify.mri.data.transforms import _scaled_channels_first
 
     sub = dataset.datasets[0]
     transform = sub.transform
@@ -181,8 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     load_at_start = load_average()
     torch.set_num_threads(1)
 
-    from kronify.mri.data import build_datasets
-    from kronify.mri.demo import build_demo_dataset
+    from kronify.mri.data.datasets import build_datasets
+    from kronify.mri.data.demo import build_demo_dataset
 
     with tempfile.TemporaryDirectory(prefix="kronify-loader-bench-") as tmp:
         t0 = time.perf_counter()

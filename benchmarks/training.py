@@ -32,14 +32,16 @@ import pytorch_lightning as pl
 import torch
 
 import zoo
-from kronify.mri.data import build_datasets
-from kronify.mri.demo import build_demo_dataset
-from kronify.mri.evaluate import machine_description
-from kronify.mri.jobs import run_calls
+from kronify.mri.data.datasets import build_datasets
+from kronify.mri.data.demo import build_demo_dataset
+from kronify.mri.experiments.jobs import machine_description, run_calls
 from kronify.mri.losses import CompositeLoss
-from kronify.mri.presets import TABLE1_ROWS, Preset, get_preset
-from kronify.mri.datamodule import ReconDataModule
-from kronify.mri.training import ReconModule, ZeroFilledStart, make_trainer, reconstruct
+from kronify.mri.experiments.presets import Preset, get_preset
+from kronify.mri.paper import TABLE1_ROWS
+from kronify.mri.training.data_module import ReconDataModule
+from kronify.mri.training.module import ReconModule
+from kronify.mri.training.trainer import make_trainer
+from kronify.mri.training.wrappers import ZeroFilledStart, reconstruct
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -57,8 +59,7 @@ BEFORE = {"lbunet_small": (108, 37.0, 400), "efficient_unet": (253, 15.8, 300), 
 
 
 def row_name(preset: Preset, family: str, n: int, algebra: str) -> str:
-    name = preset.model(family).zoo_name
-    return name if n == 0 else f"kron_{name}" + ("_complex" if algebra == "complex" else "")
+    return zoo.variant_name(preset.model(family).zoo_name, n, algebra)
 
 
 def build(preset: Preset, family: str, n: int = 0, algebra: str = "learned") -> torch.nn.Module:
@@ -121,7 +122,7 @@ def _demo_datasets(root: Path, split: Path, preset: Preset) -> dict:
 
 
 def side_by_side_worker(root: Path, split: Path, family: str, n: int, algebra: str, steps: int) -> dict:
-    """:func:`throughput` of one row in a worker process (run two at once with kronify.mri.jobs.run_calls)."""
+    """:func:`throughput` of one row in a worker process (run two at once with kronify.mri.experiments.jobs.run_calls)."""
     preset = get_preset("demo")
     return throughput(_demo_datasets(root, split, preset), preset, build(preset, family, n, algebra), steps,
                       threads=torch.get_num_threads(), family=family)

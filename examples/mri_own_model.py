@@ -2,7 +2,7 @@
 
 Builds the embedded demo dataset (brain, fastMRI format; nothing is downloaded), defines a small residual CNN,
 makes a Kronecker copy with kronify.convert (about half the parameters), trains both with the demo preset's
-set-up (kronify.mri.runs.train_and_test: flips, random phase, EMA, the paper's loss) and compares them with each
+set-up (kronify.mri.experiments.run.train_and_test: flips, random phase, EMA, the paper's loss) and compares them with each
 other and with zero-filling, paired over the test volumes.
 
     python examples/mri_own_model.py [--steps 300] [--out DIR]
@@ -19,11 +19,11 @@ import pytorch_lightning as pl
 from torch import nn
 
 import kronify
-from kronify.mri.data import build_datasets
-from kronify.mri.demo import build_demo_dataset
-from kronify.mri.presets import get_preset
-from kronify.mri.runs import Hardware, train_and_test
-from kronify.mri.seeds import compare_rows, row_over_seeds
+from kronify.mri.data.datasets import build_datasets
+from kronify.mri.data.demo import build_demo_dataset
+from kronify.mri.experiments.presets import get_preset
+from kronify.mri.experiments.run import Hardware, train_and_test
+from kronify.mri.experiments.study import compare_rows, row_over_seeds
 
 
 class ResidualCNN(nn.Module):

@@ -21,42 +21,25 @@ Several variants go to OUT/<variant>/. ``--resume`` continues from OUT/checkpoin
 from __future__ import annotations
 
 import argparse
-import copy
-import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import pytorch_lightning as pl
-import torch
-
-import kronify
-import zoo
-from kronify.mri.checkpoint import last_checkpoint
-from kronify.mri.data import SPLITS, DataError, SplitDataset, build_datasets
-from kronify.mri.evaluate import zero_filled_metrics
-from kronify.mri.jobs import default_jobs, run_calls
-from kronify.mri.masks import MASK_TYPES
-from kronify.mri.presets import FAMILIES, PRESETS, Preset, get_preset
-from kronify.mri.protocol import PROTOCOLS, get_protocol
-from kronify.mri.runs import Hardware, RunFolderError, train_and_test
-from kronify.mri.training import PRECISIONS, ZeroFilledStart
-from zoo.summary import count_flops, count_params
+from kronify.mri.data.masks import MASK_TYPES
+from kronify.mri.errors import RecipeError
+from kronify.mri.experiments.evaluate import zero_filled_metrics
+from kronify.mri.experiments.jobs import default_jobs
+from kronify.mri.experiments.presets import PRESETS, Preset, get_preset
+from kronify.mri.experiments.run import Hardware, RunSpec, train_runs
+from kronify.mri.experiments.setup import Data, MaskSettings, check_variant, is_global_zero, prepare_data
+from kronify.mri.protocol import PROTOCOLS
+from kronify.mri.training.trainer import PRECISIONS
+from zoo import variant_name
+from zoo.build import build_run_model
 
 ACCELERATIONS = (4, 8, 16)
 ALGEBRAS = ("learned", "complex")
-
-
-class RecipeError(Exception):
-    """A user-facing problem (bad flag combination, data that does not fit the preset); printed, exit code 2."""
-
-
-def cache_dir(explicit: str | None = None) -> Path:
-    """Where the demo dataset is built: ``--cache-dir``, else $KRONIFY_CACHE, else ~/.cache/kronify."""
-    return Path(explicit or os.environ.get("KRONIFY_CACHE") or Path.home() / ".cache" / "kronify").expanduser()
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, variants: bool = True) -> None:
@@ -114,15 +97,6 @@ def add_arguments(parser: argparse.ArgumentParser, *, variants: bool = True) -> 
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@dataclass
-class Data:
-    """The datasets of one run (train/val/test) and where they came from."""
-
-    root: Path
-    datasets: dict[str, SplitDataset]
-    is_demo: bool
-
-
 def resolve_preset(args: argparse.Namespace) -> Preset:
     """The preset named by ``--preset`` (default by data source) with the command line's overrides."""
     name = args.preset or ("paper" if args.data_path else "demo")
@@ -144,7 +118,7 @@ def resolve_preset(args: argparse.Namespace) -> Preset:
 
 
 def resolve_jobs(args: argparse.Namespace, preset: Preset) -> int:
-    """How many runs train at a time (``--jobs``, else the preset's, capped by kronify.mri.jobs.default_jobs);
+    """How many runs train at a time (``--jobs``, else the preset's, capped by kronify.mri.experiments.jobs.default_jobs);
     always 1 for multi-process (DDP) training, which is itself several processes per run."""
     distributed = str(args.devices) not in ("1", "auto") or args.num_nodes != 1 or args.strategy != "auto"
     if args.jobs is None:
@@ -157,145 +131,34 @@ def resolve_jobs(args: argparse.Namespace, preset: Preset) -> int:
     return args.jobs
 
 
-def train_calls(args: argparse.Namespace, jobs: int, calls: list[tuple[tuple, dict]]) -> list[dict[str, Any]]:
-    """Run :func:`train_and_evaluate` calls ``jobs`` at a time (kronify.mri.jobs.run_calls); side-by-side runs
-    show no progress bars, whose lines would interleave."""
-    if jobs > 1 and not args.no_progress:
-        calls = [((argparse.Namespace(**{**vars(a[0]), "no_progress": True}), *a[1:]), k) for a, k in calls]
-    return run_calls(train_and_evaluate, calls, jobs)
-
-
 def default_out(stem: str, preset: Preset, suffix: str = "") -> Path:
     """``out/<stem>-<preset>[-<protocol>]<suffix>``: the protocol is named when it is not the preset's own."""
     protocol = "" if preset.protocol == PRESETS[preset.name].protocol else f"-{preset.protocol}"
     return Path(f"out/{stem}-{preset.name}{protocol}{suffix}")
 
 
-def mask_settings(args: argparse.Namespace, preset: Preset) -> dict[str, Any]:
-    """The run's mask settings (protocol, type, centre fraction, fixed or not), as recorded in metrics.json."""
-    protocol = get_protocol(preset.protocol)
-    fixed = getattr(args, "fixed_mask", None)
-    return {"protocol": protocol.name, "mask_type": getattr(args, "mask_type", "random"),
-            "center_fraction": getattr(args, "center_fraction", None),
-            "fixed_mask": protocol.fixed_mask if fixed is None else bool(fixed)}
+def masks_of(args: argparse.Namespace, preset: Preset) -> MaskSettings:
+    """The run's mask settings from ``--mask-type``, ``--center-fraction`` and ``--fixed-mask``."""
+    return MaskSettings.of(preset, getattr(args, "mask_type", "random"), getattr(args, "center_fraction", None),
+                           getattr(args, "fixed_mask", None))
 
 
-def prepare_data(args: argparse.Namespace, preset: Preset, split_file: Path, acceleration: int) -> Data:
-    """Build (or reuse) the data and the split; check that the preset fits it."""
-    if args.data_path is not None:
-        root = Path(args.data_path).expanduser()
-        if not root.is_dir():
-            raise RecipeError(f"--data-path {str(root)!r} does not exist or is not a folder")
-        is_demo = False
-    else:
-        if preset.demo_build is None:
-            raise RecipeError(f"preset {preset.name!r} is for real fastMRI data: pass --data-path ROOT "
-                              "(or use --preset demo)")
-        from kronify.mri.demo import NOTICE, build_demo_dataset
-
-        build = preset.demo_build
-        tag = "-".join(f"{k}{'x'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
-                       for k, v in sorted(build.items()))
-        root = cache_dir(args.cache_dir) / f"demo-{tag}"
-        result = build_demo_dataset(root, **build)
-        if not result.reused and _is_global_zero():
-            print(f"built the demo dataset in {root} ({result.seconds:.0f} s). {NOTICE}", flush=True)
-        is_demo = True
-    masks = mask_settings(args, preset)
-    try:
-        datasets = build_datasets(root, split_file, crop=preset.crop, accelerations=acceleration,
-                                  num_slices=preset.num_slices, protocol=masks["protocol"],
-                                  mask_type=masks["mask_type"], center_fractions=masks["center_fraction"],
-                                  fixed_mask=masks["fixed_mask"], mask_file=split_file.parent)
-    except DataError as err:
-        if "larger than the image" in str(err):
-            raise RecipeError(f"preset {preset.name!r} crops {preset.crop}x{preset.crop} but the data does not fit: "
-                              f"{err}. Use a preset with a smaller crop (e.g. --preset demo).") from err
-        raise RecipeError(str(err)) from err
-    except (FileNotFoundError, ValueError) as err:
-        raise RecipeError(str(err)) from err
-    if args.limit_cases is not None:
-        datasets = {name: ds.with_transform(ds.transform, ds.files[: args.limit_cases])
-                    for name, ds in datasets.items()}
-    for name in SPLITS:
-        if len(datasets[name]) == 0:
-            raise RecipeError(f"the {name} split under {root} has no slices (split file {split_file}); "
-                              "the data has too few volumes for this split")
-    return Data(root, datasets, is_demo)
+def data_of(args: argparse.Namespace, preset: Preset, split_file: Path, acceleration: int) -> Data:
+    """The run's data (kronify.mri.experiments.setup.prepare_data) from ``--data-path``, ``--cache-dir`` and
+    ``--limit-cases``."""
+    return prepare_data(preset, split_file, acceleration, masks_of(args, preset), data_path=args.data_path,
+                        cache=args.cache_dir, limit_cases=args.limit_cases)
 
 
-def _is_global_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0 and \
-        int(os.environ.get("NODE_RANK", "0")) == 0
-
-
-def variant_name(zoo_name: str, kron_n: int, algebra: str) -> str:
-    """``unet_demo`` (dense), ``kron_unet_demo`` (n = 2), ``kron_unet_demo_n4``, ``kron_unet_demo_complex``."""
-    if kron_n == 0:
-        return zoo_name
-    suffix = "" if kron_n == 2 else f"_n{kron_n}"
-    return f"kron_{zoo_name}{suffix}" + ("_complex" if algebra == "complex" else "")
-
-
-def build_model(family: str, preset: Preset, kron_n: int, algebra: str) -> torch.nn.Module:
-    """The preset's zoo model for ``family``, converted with ``kronify.convert`` when ``kron_n`` >= 2."""
-    check_variant(family, preset, kron_n, algebra)
-    spec = preset.model(family)
-    if kron_n == 0:
-        model = zoo.create(spec.zoo_name, **spec.overrides)
-    else:
-        model, _ = zoo.create_kron(spec.zoo_name, n=kron_n, algebra=algebra, **spec.overrides)
-    return ZeroFilledStart(model, correction=spec.correction, gain_init=spec.start_gain) \
-        if preset.zero_filled_start else model
-
-
-def model_cost(model: torch.nn.Module, size: int) -> tuple[int, float]:
-    """(parameters, GFLOPs of one 2×size×size slice); a Kronecker model is counted after ``kronify.merge``."""
-    params = count_params(model)
-    network = model.model if isinstance(model, ZeroFilledStart) else model
-    return params, count_flops(kronify.merge(copy.deepcopy(network)), size) / 1e9
-
-
-def train_and_evaluate(
-    args: argparse.Namespace,
-    preset: Preset,
-    data: Data,
-    family: str,
-    kron_n: int,
-    algebra: str,
-    acceleration: int,
-    out_dir: Path,
-    *,
-    zero_filled=None,
-) -> dict[str, Any]:
-    """Build one variant (seeded by ``--seed``) and train, test and write it with kronify.mri.runs.train_and_test
-    (resuming when asked); returns its metrics.json content."""
-    name = variant_name(preset.model(family).zoo_name, kron_n, algebra)
-    if args.resume and last_checkpoint(out_dir / "checkpoints") is None and _is_global_zero():
-        print(f"--resume: no checkpoint in {out_dir / 'checkpoints'}, starting {name} from scratch", flush=True)
-    pl.seed_everything(args.seed, workers=True, verbose=False)
-    model = build_model(family, preset, kron_n, algebra)
-    params, gflops = model_cost(model, preset.crop)
+def spec_of(args: argparse.Namespace, preset: Preset, family: str, kron_n: int, algebra: str, acceleration: int,
+            out_dir: Path) -> RunSpec:
+    """The RunSpec of one variant from the command line (its seed ``--seed``; a study sets each seed's)."""
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     hardware = Hardware(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes,
                         strategy=args.strategy, grad_clip=args.grad_clip, progress_bar=not args.no_progress)
-    info = {"model": name, "kron_n": kron_n, "algebra": algebra if kron_n else None, "acceleration": acceleration,
-            "params": params, "gflops": gflops, "gflops_size": preset.crop,
-            "data": "demo" if data.is_demo else str(data.root), "data_root": str(data.root.resolve()),
-            **mask_settings(args, preset)}
-    try:
-        result = train_and_test(model, preset, data.datasets, out_dir, family=family, seed=args.seed,
-                                max_steps=args.max_steps, resume=args.resume, hardware=hardware,
-                                zero_filled=zero_filled, info=info)
-    except RunFolderError as err:
-        raise RecipeError(str(err)) from err
-    if result:
-        zf = result["zero_filled"]
-        print(f"{name} {acceleration}x ({result['protocol']} protocol): test SSIM {result['ssim_mean']:.4f} "
-              f"(zero-filled {zf['ssim_mean']:.4f}), PSNR {result['psnr_mean']:.2f} dB (zero-filled "
-              f"{zf['psnr_mean']:.2f}), {result['steps']} steps in {result['train_seconds']:.0f} s -> "
-              f"{out_dir / 'metrics.json'}", flush=True)
-    return result
+    return RunSpec(family, kron_n, algebra, variant_name(preset.model(family).zoo_name, kron_n, algebra),
+                   acceleration, masks_of(args, preset), Path(out_dir), seed=args.seed, max_steps=args.max_steps,
+                   resume=args.resume, hardware=hardware)
 
 
 def run_recipe(family: str, argv: Sequence[str] | None = None, description: str = "") -> int:
@@ -312,29 +175,19 @@ def run_recipe(family: str, argv: Sequence[str] | None = None, description: str 
         if args.acceleration is None:
             args.acceleration = preset.accelerations[0]
         out = Path(args.out) if args.out else default_out(family, preset, f"-{args.acceleration}x")
-        data = prepare_data(args, preset, out / "split.json", args.acceleration)
-        zero_filled = zero_filled_metrics(data.datasets["test"], preset.eval_batch_size) if _is_global_zero() else None
+        data = data_of(args, preset, out / "split.json", args.acceleration)
+        zero_filled = zero_filled_metrics(data.datasets["test"], preset.eval_batch_size) if is_global_zero() else None
         start = time.perf_counter()
-        run_outs = [out if len(variants) == 1 else out / variant_name(preset.model(family).zoo_name, n, args.algebra)
-                    for n in variants]
-        train_calls(args, resolve_jobs(args, preset),
-                    [((args, preset, data, family, n, args.algebra, args.acceleration, run_out),
-                      {"zero_filled": zero_filled}) for n, run_out in zip(variants, run_outs)])
-        if _is_global_zero() and len(variants) > 1:
+        specs = [spec_of(args, preset, family, n, args.algebra, args.acceleration, out) for n in variants]
+        if len(specs) > 1:
+            specs = [spec.at(out / spec.name) for spec in specs]
+        train_runs([(spec, data) for spec in specs], preset, build_run_model, resolve_jobs(args, preset),
+                   zero_filled=zero_filled)
+        if is_global_zero() and len(variants) > 1:
             print(f"trained {len(variants)} variants in {time.perf_counter() - start:.0f} s under {out}")
     except RecipeError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     return 0
-
-
-def check_variant(family: str, preset: Preset, kron_n: int, algebra: str) -> None:
-    """Validate a variant's flags before any data is built."""
-    if family not in FAMILIES or family not in preset.models:
-        raise RecipeError(f"preset {preset.name!r} has no model family {family!r}; it has {sorted(preset.models)}")
-    if kron_n < 0 or kron_n == 1:
-        raise RecipeError(f"--kron-n must be 0 (dense) or >= 2, got {kron_n}")
-    if algebra == "complex" and kron_n not in (0, 2):
-        raise RecipeError(f"--algebra complex is the n = 2 algebra; got --kron-n {kron_n}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ RUN is a folder a recipe wrote (metrics.json, checkpoints/last.ckpt). The model 
 metrics.json (the run's keys, the scores, a zero_filled block), per_volume.csv, per_slice.csv, reconstruction.png
 and examples.npz to --out (default RUN/eval-test, or RUN/eval-<folder name> with --data-path); with
 --save-reconstructions also OUT/reconstructions/<file>.h5 in fastMRI's submission layout. The orchestration is
-kronify.mri.evaluate.evaluate_run.
+kronify.mri.experiments.evaluate.evaluate_run.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from _common import RecipeError, build_model
-from kronify.mri.data import DataError
-from kronify.mri.evaluate import RECONSTRUCTIONS, evaluate_run
-from kronify.mri.presets import get_preset
+from kronify.mri.errors import DataError, RecipeError, RunError
+from kronify.mri.experiments.evaluate import RECONSTRUCTIONS, evaluate_run
+from kronify.mri.experiments.presets import get_preset
 from kronify.mri.protocol import PROTOCOLS
-from kronify.mri.trained_run import RunError, TrainedRun
+from kronify.mri.experiments.run_folder import RunRecord
+from zoo.build import build_model
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.batch_size is not None and args.batch_size < 1:
             raise RecipeError(f"--batch-size must be >= 1, got {args.batch_size}")
         device = resolve_device(args.device)
-        run = TrainedRun.open(args.run)
+        run = RunRecord.open(args.run)
         info = run.info
         try:
             preset = get_preset(info["preset"])

@@ -3,7 +3,7 @@
 ``demo_root``: a tiny kronify demo dataset in fastMRI single-coil format, built once per test session
 (:data:`DEMO_TEST_KW`: 6 volumes of 6 slices, k-space 64x40, crop 32x32; one volume is CORPDFS_FBK).
 ``make_demo(path, **kw)``: build another one into ``path`` with any of
-:func:`kronify.mri.demo.build_demo_dataset`'s keyword arguments overriding :data:`DEMO_TEST_KW`.
+:func:`kronify.mri.data.demo.build_demo_dataset`'s keyword arguments overriding :data:`DEMO_TEST_KW`.
 ``demo_kw``: the parameters of ``demo_root``. Both builders give the dataset root (holding
 ``singlecoil_train/`` and ``singlecoil_val/``).
 ``offline_hub``: no pretrained weights reachable and any download attempt fails the test.
@@ -28,7 +28,7 @@ def demo_kw() -> dict:
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root of a tiny demo dataset shared by the whole session (treat it as read-only)."""
-    from kronify.mri.demo import build_demo_dataset
+    from kronify.mri.data.demo import build_demo_dataset
 
     return build_demo_dataset(tmp_path_factory.mktemp("demo"), **DEMO_TEST_KW).root
 
@@ -36,7 +36,7 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def make_demo() -> Callable[..., Path]:
     """Factory ``make_demo(path, **kw) -> root``: a demo dataset with DEMO_TEST_KW overridden by ``kw``."""
-    from kronify.mri.demo import build_demo_dataset
+    from kronify.mri.data.demo import build_demo_dataset
 
     def make(path: Path, **kw) -> Path:
         return build_demo_dataset(path, **{**DEMO_TEST_KW, **kw}).root
@@ -59,7 +59,7 @@ def offline_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     import torch
     import torchvision.models._api as tv_api
 
-    from kronify.mri import weights as W
+    from kronify.mri import backbones as W
 
     hub = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))

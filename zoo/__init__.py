@@ -7,9 +7,9 @@ H×W and has `needs_kspace` (True for MoDL, whose forward is (x, mask, kspace)).
 
 The paper's own U-Net is `unet_ddpm` (DDPM-style; fastMRI's U-Net is `unet`). `zoo.summary` prints parameter and
 FLOP counts of every model; `zoo.paper_reference` sets our counts of the paper's official configurations beside
-its Table 1.
+its Table 1; `zoo.build` builds a preset's model for kronify.mri.experiments (the recipes' model factory).
 """
 
-from zoo.registry import create, create_kron, dense_names, example_inputs, kron_settings, names
+from zoo.registry import create, create_kron, dense_names, example_inputs, kron_settings, names, variant_name
 
-__all__ = ["create", "create_kron", "dense_names", "example_inputs", "kron_settings", "names"]
+__all__ = ["create", "create_kron", "dense_names", "example_inputs", "kron_settings", "names", "variant_name"]

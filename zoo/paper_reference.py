@@ -18,67 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from torch import nn
 
 import kronify
 import zoo
+from kronify.mri.paper import OFFICIAL_CONFIGS, TABLE1, OfficialConfig, PaperRow
 from zoo.counting import count_flops, count_params
 
 
-@dataclass(frozen=True)
-class PaperRow:
-    """One row of the paper's Table 1: parameters in millions, FLOPs in G (convention not stated)."""
-
-    label: str
-    params_m: float
-    gflops: float
-
-
-# The paper's Table 1 (/work/shared/seeds/000_82e303a2590c0f8d.txt), in its order.
-PAPER_TABLE1: dict[str, PaperRow] = {r.label: r for r in (
-    PaperRow("LB U-Net", 1.025, 2.512),
-    PaperRow("Efficient U-Net", 3.896, 1.039),
-    PaperRow("Kronecker SwinMR", 1.204, 41.649),
-    PaperRow("Kronecker U-Net", 2.630, 1.075),
-)}
-
-
-@dataclass(frozen=True)
-class OfficialConfig:
-    """A configuration to count: zoo model `model`, dense (`n` None) or converted at `n` with the model's
-    KRON_SETTINGS (plus `overrides`), reported in the paper's Table 1 as row `paper` (None: not in the table)."""
-
-    label: str
-    model: str
-    n: int | None = None
-    overrides: dict[str, Any] | None = None
-    paper: str | None = None
-    source: str = ""
-    builder_kwargs: dict[str, Any] = field(default_factory=dict)
-
-
-# SwinMR options: embed 120, depths 6×6, heads 6×6, window 8, mlp 2, 2 channels (`zoo.swinmr.swinmr_paper`).
-# The official n = 4 SwinMR picks n per layer (`get_phn`): 4 where both widths divide by 4, else 2, so its
-# 2-channel first and last convs run at n = 2; the overrides below do the same.
-_SWIN_N4_FIRST_LAST = {"conv_first": {"n": 2}, "conv_last": {"n": 2}}
-
-OFFICIAL_CONFIGS: tuple[OfficialConfig, ...] = (
-    OfficialConfig("LB U-Net (our re-implementation)", "lbunet", paper="LB U-Net",
-                   source="not in the official code; sized to the paper's count"),
-    OfficialConfig("Efficient U-Net (our re-implementation)", "efficient_unet", paper="Efficient U-Net",
-                   source="not in the official code; sized to the paper's count"),
-    OfficialConfig("SwinMR (dense)", "swinmr_paper", source="options/SwinIR/train_swinMR_*.json"),
-    OfficialConfig("Kronecker SwinMR, n = 2", "swinmr_paper", n=2, paper="Kronecker SwinMR",
-                   source="options/SwinHyperIR/train_hyperswin_*.json"),
-    OfficialConfig("Kronecker SwinMR, n = 4", "swinmr_paper", n=4, overrides=_SWIN_N4_FIRST_LAST,
-                   paper="Kronecker SwinMR", source="options/SwinHyperIR/train_hyperswin_n=4_*.json"),
-    OfficialConfig("DDPM U-Net (dense)", "unet_ddpm", source="options/UNET/train_unet_v2_*.json"),
-    OfficialConfig("Kronecker DDPM U-Net, n = 2", "unet_ddpm", n=2, paper="Kronecker U-Net",
-                   source="options/HyperUnet/train_hyperunet_*.json"),
-)
+# The numbers and configurations are kronify.mri.paper's (written once there); PAPER_TABLE1 holds the rows
+# with counts.
+PAPER_TABLE1: dict[str, PaperRow] = {label: row for label, row in TABLE1.items() if row.params_m is not None}
 
 PARAMS_TOLERANCE = 0.01  # relative: a count "matches" within 1 % (re-implementations differ in small layers)
 FLOPS_TOLERANCE = 0.05   # relative, for FLOPs

@@ -41,10 +41,18 @@ def dense_names() -> list[str]:
     return list(_MODELS)
 
 
+def variant_name(name: str, n: int = 0, algebra: str = "learned") -> str:
+    """The name of dense model `name`'s variant, as runs and tables name it: `name` (n = 0, dense), `kron_<name>`
+    (n = 2), `kron_<name>_n4` (other n), each with `_complex` for the fixed complex algebra."""
+    if n == 0:
+        return name
+    return f"{KRON_PREFIX}{name}{'' if n == 2 else f'_n{n}'}" + (COMPLEX_SUFFIX if algebra == "complex" else "")
+
+
 def names() -> list[str]:
     """Every name `create` accepts: dense models, then `kron_<name>`, then `kron_<name>_complex`."""
     base = dense_names()
-    return base + [KRON_PREFIX + b for b in base] + [KRON_PREFIX + b + COMPLEX_SUFFIX for b in base]
+    return base + [variant_name(b, 2) for b in base] + [variant_name(b, 2, "complex") for b in base]
 
 
 def _unknown(name: str) -> ValueError:

@@ -52,7 +52,7 @@ KRON_SETTINGS: dict = dict(
 )
 
 # Trainable parameters of the official configuration (`unet_ddpm()`, 2 channels), dense and as
-# `kron_unet_ddpm` at n = 2 (`kronify.kron_param_count` per converted layer). tests/test_zoo_unet_ddpm.py
+# `kron_unet_ddpm` at n = 2 (`kronify.kron_param_count` per converted layer). tests/zoo/test_zoo_unet_ddpm.py
 # derives both from the architecture's formula.
 PARAMS_DENSE = 56_573_442
 PARAMS_KRON_N2 = 29_625_242

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kronify.mri.complex import fft_precision, to_complex
-from kronify.mri.weights import VGG19, load_backbone_state_dict
+from kronify.mri.backbones import VGG19, load_backbone_state_dict
 
 __all__ = ["CompositeLoss", "VGGPerceptualLoss", "build_vgg19_features", "charbonnier", "magnitude_spectrum"]
 
@@ -84,7 +84,7 @@ class VGGPerceptualLoss(nn.Module):
     """Weighted L1 between VGG19 pre-ReLU features of two (B, 3, H, W) images already in [0, 1].
 
     ``features``: a VGG19 ``features`` Sequential (e.g. torchvision's, or a randomly initialised one for tests);
-    when None, the ImageNet weights are loaded from disk (see :mod:`kronify.mri.weights`). Only the layers up to
+    when None, the ImageNet weights are loaded from disk (see :mod:`kronify.mri.backbones`). Only the layers up to
     conv5_4 are kept; they are frozen, set to eval mode, and their ReLUs made out-of-place.
     """
 
@@ -142,8 +142,8 @@ class CompositeLoss(nn.Module):
     ``image``, ``freq`` and ``perceptual`` values (for logging); ``perceptual`` is 0 when γ = 0.
 
     γ > 0 needs VGG19 ImageNet weights: pass ``vgg_features`` (a VGG19 ``features`` Sequential), or
-    ``vgg_weights_path``, or place torchvision's ``vgg19-dcbb9e9d.pth`` where :mod:`kronify.mri.weights` looks.
-    Without them construction raises :class:`kronify.mri.weights.MissingWeightsError`.
+    ``vgg_weights_path``, or place torchvision's ``vgg19-dcbb9e9d.pth`` where :mod:`kronify.mri.backbones` looks.
+    Without them construction raises :class:`kronify.mri.errors.MissingWeightsError`.
     """
 
     def __init__(

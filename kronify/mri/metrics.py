@@ -7,7 +7,7 @@ protocol (:mod:`kronify.mri.protocol`) decides which target:
 - ``paper``: each slice is scored on its own with data range = that slice's target max (taken here from the
   target itself), and the summary is mean (std) over slices, as the official HyperKron code does.
 - ``fastmri``: fastMRI's volume metrics with data range = the scored target volume's max (``max_value``,
-  which :class:`kronify.mri.data.SingleCoilSliceDataset` computes from the scored slices; checked here
+  which :class:`kronify.mri.data.datasets.SingleCoilSliceDataset` computes from the scored slices; checked here
   against the targets received), and the summary is mean (std) over volumes, as ``fastmri.evaluate`` does.
 
 - Per slice: ``fastmri.evaluate.ssim/psnr/nmse`` on the one-slice volume ``x[None]``.
@@ -17,7 +17,7 @@ protocol (:mod:`kronify.mri.protocol`) decides which target:
   across processes.
 - Phase error: mean |wrapped phase difference| in radians over pixels whose target magnitude exceeds 10% of
   the slice's max target magnitude; per volume it is the mean over its slices.
-- LPIPS: see :mod:`kronify.mri.lpips_metric`; None everywhere when its weights are not available.
+- LPIPS: see :mod:`kronify.mri.lpips`; None everywhere when its weights are not available.
 
 :class:`MetricsAccumulator` collects batches, deduplicates slices by ``(fname, slice_num)`` (DistributedSampler
 pads by repeating samples) and merges across processes via :meth:`MetricsAccumulator.state` /
@@ -39,11 +39,12 @@ from fastmri import evaluate as fm_eval
 from torch import Tensor
 
 from kronify.mri.complex import magnitude
-from kronify.mri.lpips_metric import LPIPSMetric
+from kronify.mri.lpips import LPIPSMetric
 from kronify.mri.protocol import Protocol, get_protocol
 
 __all__ = [
     "METRICS",
+    "TABLE_METRICS",
     "MetricsAccumulator",
     "default_lpips",
     "phase_error",
@@ -53,6 +54,10 @@ __all__ = [
 ]
 
 METRICS = ("ssim", "psnr", "nmse", "phase_error", "lpips")
+#: How the result tables show the metrics, in column order: metric -> (column label, decimals). The tables'
+#: columns, cells and JSON numbers are generated from it (kronify.mri.experiments.tables).
+TABLE_METRICS: dict[str, tuple[str, int]] = {"ssim": ("SSIM", 3), "psnr": ("PSNR", 2), "lpips": ("LPIPS", 3),
+                                             "phase_error": ("Phase error rad", 3)}
 
 
 def phase_error(output: Tensor | np.ndarray, target: Tensor | np.ndarray, threshold: float = 0.1) -> float:

@@ -19,7 +19,7 @@ metrics                       per slice, data range = that            per volume
 
 The official code's fixed masks (``mask/fastmri/random/random_af{8,4,16}_cf*_pe320.npy``) are exactly
 fastMRI's ``RandomMaskFunc`` with seed 0 over 320 columns: 39 lines at 8x (centre fraction 0.04), 81 at 4x
-(0.08), 21 at 16x (0.02); ``tests/test_mri_protocol.py`` checks the 8x one column by column.
+(0.08), 21 at 16x (0.02); ``tests/mri/test_protocol.py`` checks the 8x one column by column.
 
 ``paper`` needs the 320x320 complex slice the official code reads. Files whose image is not that size (the
 embedded demo data: 128x128 brain slices cropped to 96) are handled the same way at their own size: the slice

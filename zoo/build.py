@@ -1,0 +1,50 @@
+"""The model of one run, for kronify.mri.experiments: the preset's zoo model of a family, dense or converted.
+
+The recipes hand :func:`build_run_model` to :func:`kronify.mri.experiments.run.train_run` (kronify.mri never
+imports zoo: recipes -> zoo -> kronify.mri -> kronify). A new model is its zoo file plus one registry line; a
+preset then names it in a :class:`~kronify.mri.experiments.presets.ModelSpec`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+
+import kronify
+from kronify.mri.experiments.presets import Preset
+from kronify.mri.experiments.run import RunSpec
+from kronify.mri.experiments.setup import check_variant
+from kronify.mri.training.wrappers import ZeroFilledStart
+from zoo.counting import count_flops, count_params
+from zoo.registry import create, create_kron
+
+__all__ = ["build_model", "build_run_model", "model_cost"]
+
+
+def build_model(family: str, preset: Preset, kron_n: int, algebra: str) -> nn.Module:
+    """The preset's zoo model for ``family``, converted with ``kronify.convert`` when ``kron_n`` >= 2, wrapped in
+    :class:`~kronify.mri.training.wrappers.ZeroFilledStart` when the preset says so."""
+    check_variant(family, preset, kron_n, algebra)
+    spec = preset.model(family)
+    if kron_n == 0:
+        model = create(spec.zoo_name, **spec.overrides)
+    else:
+        model, _ = create_kron(spec.zoo_name, n=kron_n, algebra=algebra, **spec.overrides)
+    return ZeroFilledStart(model, correction=spec.correction, gain_init=spec.start_gain) \
+        if preset.zero_filled_start else model
+
+
+def model_cost(model: nn.Module, size: int) -> tuple[int, float]:
+    """(parameters, GFLOPs of one 2×size×size slice); a Kronecker model is counted after ``kronify.merge``."""
+    params = count_params(model)
+    network = model.model if isinstance(model, ZeroFilledStart) else model
+    return params, count_flops(kronify.merge(copy.deepcopy(network)), size) / 1e9
+
+
+def build_run_model(spec: RunSpec, preset: Preset) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of ``spec`` and its cost as recorded in metrics.json (``params``, ``gflops``, ``gflops_size``)."""
+    model = build_model(spec.family, preset, spec.kron_n, spec.algebra)
+    params, gflops = model_cost(model, preset.crop)
+    return model, {"params": params, "gflops": gflops, "gflops_size": preset.crop}
