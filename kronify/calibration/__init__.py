@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from kronify.batches import call_model, iterate_batches, move_batch
 from kronify.calibration.inputs import InputView, Moments, input_view, unsupported_reason
-from kronify.calibration.layer_fit import LayerFit, fit_weight
+from kronify.calibration.layer_fit import LayerFit, fit_weight, rms
 from kronify.config import CalibrationConfig
 
 __all__ = ["CalibrationLayer", "LayerFit", "calibrate", "collect", "first_calls", "read_batches"]
@@ -168,9 +168,8 @@ def _fit(layer: CalibrationLayer, cfg: CalibrationConfig, biases: list) -> Layer
         fits.append(fit_weight(p, factors, dense, bias, view, layer.fit, layer.held, cfg))
     if len(fits) == 1:
         return fits[0]
-    mean = lambda xs: (sum(x * x for x in xs) / len(xs)) ** 0.5  # noqa: E731
-    return LayerFit("/".join(sorted({f.how for f in fits})), mean([f.output_error for f in fits]),
-                    mean([f.weight_fit_error for f in fits]), mean([f.weight_error for f in fits]))
+    return LayerFit("/".join(sorted({f.how for f in fits})), rms([f.output_error for f in fits]),
+                    rms([f.weight_fit_error for f in fits]), rms([f.weight_error for f in fits]))
 
 
 def _bias(module: nn.Module, tensor: str) -> Tensor | None:

@@ -24,7 +24,7 @@ from kronify.kron import nearest_kronecker, project_kronecker
 from kronify.kron_fit import als_fit, f_step, kron_matrix, metric_factors, output_error2, whitened_fit
 from kronify.parametrization import KronParametrization
 
-__all__ = ["LayerFit", "fit_weight"]
+__all__ = ["LayerFit", "fit_weight", "rms"]
 
 
 @dataclass
@@ -133,8 +133,9 @@ def fit_weight(p: KronParametrization, factors: list[Tensor], dense: Tensor, bia
                     b.add_(delta.to(b.dtype))
     p.fit_error = math.sqrt(sum(werr2) / sum(sq)) if sum(sq) > 0 else 0.0
     p.clear_cache()
-    return LayerFit("/".join(sorted(hows)), _mean(scores), _mean(wscores), p.fit_error)
+    return LayerFit("/".join(sorted(hows)), rms(scores), rms(wscores), p.fit_error)
 
 
-def _mean(values: list[float]) -> float:
+def rms(values: list[float]) -> float:
+    """Root mean square: how per-chunk and per-weight relative errors are combined into one."""
     return math.sqrt(sum(v * v for v in values) / len(values))
