@@ -26,7 +26,8 @@ import torch  # noqa: E402
 import kronify  # noqa: E402
 from benchmarks._common import RESULTS, machine, write_results  # noqa: E402
 from kronify.analysis import analyse  # noqa: E402
-from kronify.convert import find_candidates, is_kron  # noqa: E402
+from kronify.convert import is_kron  # noqa: E402
+from kronify.plan import find_candidates  # noqa: E402
 
 MODEL = "vit_base_patch16_224"
 TARGET_S = 2.0

@@ -33,10 +33,15 @@ _TABLES: dict[str, list[list[list[int]]]] = {
 ALGEBRAS: dict[str, int] = {name: len(table) for name, table in _TABLES.items()}
 
 
-def resolve_algebra(algebra: str, n: int, terms: int | None) -> int:
-    """Validate (algebra, n, terms) and return the number of terms (default n)."""
+def check_n(n: int) -> None:
+    """Raise a ValueError unless n is an integer >= 2 (the one check of n)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n must be an integer >= 2, got n={n!r}")
+
+
+def resolve_algebra(algebra: str, n: int, terms: int | None) -> int:
+    """Validate (algebra, n, terms) and return the number of terms (default n)."""
+    check_n(n)
     if algebra == LEARNED:
         terms = n if terms is None else terms
         if isinstance(terms, bool) or not isinstance(terms, int) or not 1 <= terms <= n * n:

@@ -16,12 +16,12 @@ from torch import Tensor, nn
 
 from kronify.budget import allocate, layer_options, within
 from kronify.calibration import CalibrationLayer, collect, read_batches
-from kronify.calibration.layer_fit import _to_matrix
 from kronify.config import CalibrationConfig, KronConfig
-from kronify.kron_fit import _cholesky
+from kronify.kron_fit import damped_cholesky, weight_matrix
 from kronify.layer_kinds import weight_names
 from kronify.parametrization import own_kron_parametrizations
 from kronify.patterns import Selector
+from kronify.plan import find_candidates, param_owners, target_for
 from kronify.report import count_params
 
 __all__ = ["budget_config"]
@@ -35,17 +35,16 @@ def _whitened(layer: CalibrationLayer, cfg: CalibrationConfig) -> list[Tensor] |
     for dense, view in zip(layer.dense, layer.views):
         parts = []
         for c, w in enumerate(dense.detach().chunk(len(view.sources))):
-            W = _to_matrix(w, view.transposed)
+            W = weight_matrix(w, view.transposed)
             if W.shape[1] > cfg.max_dim:
                 return None
             C, _ = layer.fit[view.sources[c]].metric(view.kernel, False, view.taps_are_outputs)
-            parts.append(W @ _cholesky(C.to(W.device), cfg.damping))
+            parts.append(W @ damped_cholesky(C.to(W.device), cfg.damping))
         out.append(parts[0] if len(parts) == 1 else torch.cat(parts))
     return out
 
 
-def budget_config(model: nn.Module, config: KronConfig, candidates: list, owners: dict, target_fn: Any,
-                  batches: Any) -> KronConfig:
+def budget_config(model: nn.Module, config: KronConfig, batches: Any) -> KronConfig:
     """The config with `budget` replaced by exact per-layer overrides that keep `config.budget` of the
     model's parameters. Layers the user excluded or cannot convert stay as they are (their parameters count)."""
     if any(v is not None for v in config.overrides.values()):
@@ -54,11 +53,13 @@ def budget_config(model: nn.Module, config: KronConfig, candidates: list, owners
     selector = Selector(config.include, config.exclude, config.overrides)
     defaults = {"n": config.n, "terms": config.terms, "algebra": config.algebra}
     chosen: list[tuple[str, nn.Module, list]] = []
-    for c in candidates:
+    owners = param_owners(model)
+    for c in find_candidates(model, config.embeddings is not False):
         settings, _ = selector.select(c.paths, c.module, defaults)
         if settings is None or own_kron_parametrizations(c.module):
             continue
-        targets = [target_fn(c.module, name, chunks, 1, owners)[0] for name, chunks in weight_names(c.module, config.embeddings is not False)]
+        targets = [target_for(c.module, name, chunks, 1, owners)[0]
+                   for name, chunks in weight_names(c.module, config.embeddings is not False)]
         if all(t is not None for t in targets):
             chosen.append((c.name, c.module, targets))
     total = count_params(model)

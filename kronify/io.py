@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from kronify.config import KronConfig
-from kronify.convert import _Plan, _Target, apply_plans
+from kronify.apply import apply_plans
+from kronify.plan import Plan, Target
 from kronify.parametrization import kron_parametrizations
 from kronify.report import LayerRow
 
@@ -89,7 +90,7 @@ def read_record(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]
     return record, load_file(path)
 
 
-def _plans(base: nn.Module, record: dict) -> list[_Plan]:
+def _plans(base: nn.Module, record: dict) -> list[Plan]:
     plans, by_name = [], {}
     for entry in record["tensors"]:
         where = f"{entry['owner']}.{entry['tensor']}" if entry["owner"] else entry["tensor"]
@@ -109,8 +110,8 @@ def _plans(base: nn.Module, record: dict) -> list[_Plan]:
             by_name[entry["tied_to"]].tied.append((owner, entry["tensor"]))
             continue
         settings = {k: entry[k] for k in ("n", "terms", "algebra")}
-        target = by_name[where] = _Target(owner, entry["tensor"], tuple(t.shape), entry["chunks"])
-        plans.append(_Plan(candidate=None, row=row, settings=settings, targets=[target]))
+        target = by_name[where] = Target(owner, entry["tensor"], tuple(t.shape), entry["chunks"])
+        plans.append(Plan(candidate=None, row=row, settings=settings, targets=[target]))
     return plans
 
 

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from kronify.algebra import LEARNED, resolve_algebra
+from kronify.algebra import LEARNED, check_n, resolve_algebra
 
 __all__ = ["kron_weight", "nearest_kronecker", "project_kronecker", "check_kron_dims"]
 
@@ -147,8 +147,7 @@ class _KronWeight(torch.autograd.Function):
 
 def check_kron_dims(rows: int, cols: int, n: int, what: str = "W") -> None:
     """Raise a ValueError naming the dims unless both are divisible by n (an integer >= 2)."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an integer >= 2, got n={n!r}")
+    check_n(n)
     bad = [f"dim {k} = {d}" for k, d in ((0, rows), (1, cols)) if d % n]
     if bad:
         raise ValueError(

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from kronify.kron import nearest_kronecker
 
-__all__ = ["als_fit", "f_step", "kron_matrix", "metric_factors", "output_error2", "whitened_fit"]
+__all__ = ["als_fit", "damped_cholesky", "f_step", "kron_matrix", "metric_factors", "output_error2", "weight_matrix",
+           "whitened_fit"]
 
 
 def kron_matrix(A: Tensor, F: Tensor) -> Tensor:
@@ -40,7 +41,13 @@ def _damped(C: Tensor, damping: float) -> Tensor:
     return C + (damping * scale if scale > 0 else 1e-12) * torch.eye(d, dtype=C.dtype, device=C.device)
 
 
-def _cholesky(C: Tensor, damping: float) -> Tensor:
+def weight_matrix(w: Tensor, transposed: bool) -> Tensor:
+    """A weight as the float64 matrix W2 (out, in·kernel) that multiplies the layer's input rows; `transposed`:
+    the weight is stored (in, out, ...)."""
+    return (w.transpose(0, 1) if transposed else w).reshape((w.shape[1] if transposed else w.shape[0]), -1).double()
+
+
+def damped_cholesky(C: Tensor, damping: float) -> Tensor:
     """Lower Cholesky factor of C + δ·mean(diag)·I, raising δ ×10 until it succeeds (as SVD-LLM does)."""
     for k in range(12):
         L, info = torch.linalg.cholesky_ex(_damped(C, max(damping, 1e-12) * 10 ** k))
@@ -61,7 +68,7 @@ def whitened_fit(W: Tensor, n: int, terms: int, C1: Tensor, C2: Tensor,
                  damping: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Nearest Kronecker sum in the metric C1 ⊗ C2: VLP on W (L1 ⊗ L2), then un-whiten each factor."""
     m, d = W.shape
-    L1, L2 = _cholesky(C1, damping), _cholesky(C2, damping)
+    L1, L2 = damped_cholesky(C1, damping), damped_cholesky(C2, damping)
     Wl = W.reshape(m, n, d // n)
     Wl = torch.einsum("mbj,bc->mcj", Wl, L1)
     Wl = torch.einsum("mcj,jk->mck", Wl, L2).reshape(m, d)
@@ -74,7 +81,7 @@ def whitened_fit(W: Tensor, n: int, terms: int, C1: Tensor, C2: Tensor,
 
 def _solve_psd(H: Tensor, rhs: Tensor, damping: float) -> Tensor:
     """H⁻¹ rhs for a PSD H, with a little ridge for the directions the inputs never excite."""
-    L = _cholesky(H, damping)
+    L = damped_cholesky(H, damping)
     return torch.cholesky_solve(rhs, L)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -11,8 +10,6 @@ import torch
 from torch import nn
 
 from kronify.config import KronConfig
-from kronify.merge import merge
-from kronify.parametrization import kron_parametrizations
 
 
 @dataclass
@@ -167,47 +164,3 @@ class ConversionReport:
             "config": self.config.to_dict() if self.config is not None else None,
             "budget": self.budget,
         }
-
-    def flops(self, example_inputs: Any) -> dict[str, int]:
-        """Forward FLOPs of the dense and of the converted model, counted by torch.utils.flop_counter.
-
-        FLOPs are what FlopCounterMode counts: 2 per multiply-accumulate of matmuls and convolutions.
-        `dense` is the model merged back (`kronify.merge` on a copy). `converted` is the converted model's
-        forward without the build of the dense weights from the factors (Σ A⊗F), which is paid once per
-        weight update, not per sample; that build is `weight_rebuild`: 2·terms FLOPs per dense weight entry,
-        counted from the shapes. Converted layers run the dense op, so `converted` equals `dense` (FLOPs do
-        not drop; parameters do). The model is run in eval mode; its modes are restored and no built weight
-        stays cached. `example_inputs` is a tensor or a tuple of positional inputs.
-        """
-        from torch.utils.flop_counter import FlopCounterMode
-
-        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-
-        def count(model: nn.Module) -> int:
-            # torch's fused attention fast path is one op FlopCounterMode cannot count: take the slow path
-            fast = torch.backends.mha.get_fastpath_enabled()
-            torch.backends.mha.set_fastpath_enabled(False)
-            try:
-                with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                    model(*args)
-            finally:
-                torch.backends.mha.set_fastpath_enabled(fast)
-            return counter.get_total_flops()
-
-        dense = merge(copy.deepcopy(self.model), inplace=True).eval()
-        model = self.model
-        modes = [(m, m.training) for m in model.modules()]
-        kron = [(owner, name, p) for _, owner, name, p in kron_parametrizations(model)]
-        model.eval()
-        try:
-            with torch.no_grad():
-                for owner, name, _ in kron:
-                    getattr(owner, name)  # builds and caches W in eval mode, so `count` sees no build
-                converted = count(model)
-        finally:
-            for m, mode in modes:
-                m.training = mode
-            for _, _, p in kron:
-                p.clear_cache()
-        rebuild = sum(p.build_flops() for _, _, p in kron)
-        return {"dense": count(dense), "converted": converted, "weight_rebuild": rebuild}

@@ -10,6 +10,9 @@ import sys
 
 import pytest
 
+import torch
+
+from kronify.analysis import count_flops
 from kronify.cli import main
 
 needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
@@ -27,13 +30,17 @@ def test_report_torchvision_with_flops(capsys):
 
 @needs_timm
 def test_report_json_timm_with_terms_and_warm_start(capsys):
+    import timm
+
     assert main(["report", "timm:convnext_atto", "--n", "4", "--terms", "1", "--warm-start", "--json",
                  "--input-size", "3", "32", "32"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["model"] == "timm:convnext_atto" and d["converted"]
     rows = [r for r in d["rows"] if r["status"] == "converted"]
     assert all(r["n"] == 4 and r["terms"] == 1 and 0 < r["warm_start_error"] < 1 for r in rows)
-    assert d["flops"]["dense"] == d["flops"]["converted"] > 0 and d["flops_input_size"] == [1, 3, 32, 32]
+    dense = count_flops(timm.create_model("convnext_atto"), torch.zeros(1, 3, 32, 32))["forward"]
+    assert d["flops"]["forward"] == dense > 0 and d["flops"]["weight_rebuild"] > 0
+    assert d["flops_input_size"] == [1, 3, 32, 32]
 
 
 def test_report_factory_spec(tmp_path, monkeypatch, capsys):

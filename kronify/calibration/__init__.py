@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from kronify.batches import call_model, iterate_batches, move_batch
-from kronify.calibration.inputs import InputView, Moments, input_view, unsupported_reason
+from kronify.calibration.inputs import Moments
 from kronify.calibration.layer_fit import LayerFit, fit_weight, rms
 from kronify.config import CalibrationConfig
+from kronify.layer_kinds import InputView, kind_of
 
 __all__ = ["CalibrationLayer", "LayerFit", "calibrate", "collect", "first_calls", "read_batches"]
 
@@ -47,9 +48,11 @@ class CalibrationLayer:
     held: list[Moments] = field(default_factory=lambda: [Moments() for _ in range(3)])
 
     def __post_init__(self) -> None:
-        self.skip = self.skip or unsupported_reason(self.module)
+        kind = kind_of(self.module)
+        views = [kind.view(self.module, tensor, chunks) for _, tensor, chunks in self.weights]
+        self.skip = self.skip or next((v for v in views if isinstance(v, str)), "")
         if not self.skip:
-            self.views = [input_view(self.module, tensor, chunks) for _, tensor, chunks in self.weights]
+            self.views = views
 
     def reset(self) -> None:
         self.fit = [Moments() for _ in range(3)]
@@ -162,7 +165,7 @@ def _fit(layer: CalibrationLayer, cfg: CalibrationConfig, biases: list) -> Layer
         plist = owner.parametrizations[tensor]
         p = plist[0]
         factors = [plist.original0, plist.original1] if p.learned else [plist.original]
-        bias = _bias(layer.module, tensor)
+        bias = kind_of(layer.module).bias(layer.module, tensor)
         if bias is not None:
             biases.append((bias, bias.detach().clone()))
         fits.append(fit_weight(p, factors, dense, bias, view, layer.fit, layer.held, cfg))
@@ -170,15 +173,6 @@ def _fit(layer: CalibrationLayer, cfg: CalibrationConfig, biases: list) -> Layer
         return fits[0]
     return LayerFit("/".join(sorted({f.how for f in fits})), rms([f.output_error for f in fits]),
                     rms([f.weight_fit_error for f in fits]), rms([f.weight_error for f in fits]))
-
-
-def _bias(module: nn.Module, tensor: str) -> Tensor | None:
-    """The bias that belongs to `module.<tensor>` (a slice of the packed in_proj_bias for q/k/v weights)."""
-    if isinstance(module, nn.MultiheadAttention):
-        b = module._parameters.get("in_proj_bias")
-        index = {"q_proj_weight": 0, "k_proj_weight": 1, "v_proj_weight": 2}.get(tensor)
-        return b if b is None or index is None else b.data.chunk(3)[index]
-    return module._parameters.get("bias")
 
 
 def calibrate(model: nn.Module, layers: list[CalibrationLayer], batches: list[Any], cfg: CalibrationConfig,

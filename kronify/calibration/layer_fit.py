@@ -18,10 +18,12 @@ import torch
 from torch import Tensor
 
 from kronify.algebra import algebra_matrices
-from kronify.calibration.inputs import InputView, Moments
+from kronify.calibration.inputs import Moments
 from kronify.config import CalibrationConfig
 from kronify.kron import nearest_kronecker, project_kronecker
-from kronify.kron_fit import als_fit, f_step, kron_matrix, metric_factors, output_error2, whitened_fit
+from kronify.kron_fit import (als_fit, f_step, kron_matrix, metric_factors, output_error2, weight_matrix,
+                              whitened_fit)
+from kronify.layer_kinds import InputView
 from kronify.parametrization import KronParametrization
 
 __all__ = ["LayerFit", "fit_weight", "rms"]
@@ -36,10 +38,6 @@ class LayerFit:
     output_error: float | None
     weight_fit_error: float | None
     weight_error: float
-
-
-def _to_matrix(w: Tensor, transposed: bool) -> Tensor:
-    return (w.transpose(0, 1) if transposed else w).reshape((w.shape[1] if transposed else w.shape[0]), -1).double()
 
 
 def _to_factors(A: Tensor, F: Tensor, w: Tensor, n: int, transposed: bool) -> tuple[Tensor, Tensor]:
@@ -97,7 +95,7 @@ def fit_weight(p: KronParametrization, factors: list[Tensor], dense: Tensor, bia
     into `factors` ([A, F] or [F]) and the bias correction into `bias`, both in place."""
     As, Fs, deltas, sq, werr2, scores, wscores, hows = [], [], [], [], [], [], [], set()
     for c, w in enumerate(dense.detach().chunk(p.chunks)):
-        W = _to_matrix(w, view.transposed)
+        W = weight_matrix(w, view.transposed)
         src = view.sources[c]
         centred = cfg.method != "weight" and cfg.bias_correction and bias is not None and not view.taps_are_outputs
         C, mean = fit[src].metric(view.kernel, centred, view.taps_are_outputs)
