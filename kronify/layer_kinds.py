@@ -66,7 +66,8 @@ class LayerKind:
     """One kind of layer: see the module docstring. `view` returns the InputView of (module, tensor, chunks),
     or a string saying why the calibrated fit cannot read the inputs; `optional`: converted only with
     KronConfig.embeddings; `reads_weight_often`: the forward reads a weight several times, so it is built once
-    per call."""
+    per call; `ties_heads`: Linear output heads may hold the same weight (tied embeddings) and then share its
+    factors."""
 
     name: str
     matches: Callable[[nn.Module], bool]
@@ -77,6 +78,7 @@ class LayerKind:
     bias: Callable[[nn.Module, str], Tensor | None] = lambda m, tensor: m._parameters.get("bias")
     optional: bool = False
     reads_weight_often: bool = False
+    ties_heads: bool = False
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -115,7 +117,7 @@ KINDS: list[LayerKind] = [
     LayerKind("embedding", lambda m: isinstance(m, nn.Embedding), _WEIGHT,
               lambda m, tensor: ("num_embeddings", "embedding_dim"),
               lambda m, tensor, chunks: "an embedding's inputs are token ids: it keeps the fit to its weights",
-              problem=_embedding_problem, bias=lambda m, tensor: None, optional=True),
+              problem=_embedding_problem, bias=lambda m, tensor: None, optional=True, ties_heads=True),
     LayerKind("attention", lambda m: isinstance(m, nn.MultiheadAttention), _mha_weights,
               lambda m, tensor: ("embed_dim", {"k_proj_weight": "kdim", "v_proj_weight": "vdim"}.get(tensor, "embed_dim")),
               lambda m, tensor, chunks: InputView("linear", _QKV[tensor]), bias=_mha_bias, reads_weight_often=True),

@@ -95,18 +95,18 @@ def target_for(module: nn.Module, name: str, chunks: int, n: int, owners: dict) 
     if t.dim() < 2 or not t.is_floating_point():
         return None, f"{name} has shape {tuple(t.shape)} and dtype {t.dtype}, not a float matrix"
     others = [o for o in owners.get(id(t), []) if o[0] != id(owner)]
-    tied = [(o[2], o[3]) for o in others if isinstance(o[2], nn.Linear) and o[3] == "weight"]
     kind = kind_of(module)
+    tied = [(o[2], o[3]) for o in others if isinstance(o[2], nn.Linear) and o[3] == "weight"] if kind.ties_heads else []
     if kind.problem(module):
         return None, kind.problem(module)
-    if others and not (isinstance(module, nn.Embedding) and len(tied) == len(others)):
+    if others and len(tied) != len(others):
         return None, f"{name} is shared with {others[0][1]} (tied weights)"
     rows, cols = t.shape[0] // chunks, t.shape[1]
     bad = [f"{k}={d}" for k, d in zip(kind.dims(module, name), (rows, cols)) if d % n]
     if bad:
         depthwise = "depthwise, " if getattr(module, "groups", 1) > 1 and 1 in (rows, cols) else ""
         return None, f"{depthwise}{' and '.join(bad)} not divisible by n={n}"
-    return Target(owner, tensor, tuple(t.shape), chunks, tied if isinstance(module, nn.Embedding) else []), ""
+    return Target(owner, tensor, tuple(t.shape), chunks, tied), ""
 
 
 def _call_note(a: Analysis, c: Candidate) -> str:
