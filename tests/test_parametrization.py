@@ -147,8 +147,26 @@ def test_weight_assignment_projects_onto_the_nearest_kronecker_sum():
     torch.testing.assert_close(layer.weight, reference_weight(A, F))
     assert is_kron(layer)
     exact = reference_weight(torch.randn(2, 2, 2, dtype=torch.float64), torch.randn(2, 4, 3, dtype=torch.float64))
-    layer.weight = nn.Parameter(exact)  # what HF weight tying and torchao assign: a Kronecker sum stays exact
+    layer.weight = exact  # a Kronecker sum stays exact
     torch.testing.assert_close(layer.weight, exact)
+
+
+def test_assigning_a_parameter_to_a_kronecker_weight_raises_a_clear_error_and_changes_nothing():
+    """Without a patched __setattr__ torch would raise KeyError "attribute 'weight' already exists"; kronify
+    turns it into an error saying what to do instead (no per-call cost: raised from the getter that
+    register_parameter's hasattr calls)."""
+    torch.manual_seed(0)
+    layer = convert_one(nn.Linear(6, 8, dtype=torch.float64), terms=2)
+    before = layer.weight.detach().clone()
+    params = dict(layer.named_parameters())
+    with pytest.raises(kronify.parametrization.KronAssignmentError, match=r"Assign a tensor instead.*merge"):
+        layer.weight = nn.Parameter(torch.randn(8, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match="Kronecker-parametrized"):
+        layer.register_buffer("weight", torch.zeros(8, 6))
+    torch.testing.assert_close(layer.weight, before)
+    assert dict(layer.named_parameters()).keys() == params.keys() and "weight" not in layer._parameters
+    layer.weight = nn.Parameter(torch.randn(8, 6, dtype=torch.float64)).detach()  # what the message says: works
+    assert not torch.allclose(layer.weight, before)
 
 
 # ---- the eval-mode cache ------------------------------------------------------------------------------
@@ -456,15 +474,17 @@ def test_gradients_through_a_weight_read_outside_forward_reach_the_factors():
     torch.testing.assert_close(F.grad, gF)
 
 
-def test_reads_inside_forward_are_plain_tensors(monkeypatch):
+def test_reads_inside_forward_are_plain_tensors_and_reads_in_hooks_are_linked(monkeypatch):
     layer = convert_one(nn.Linear(8, 6))
     seen = []
     linear = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: seen.append(type(w)) or linear(x, w, b))
-    layer.register_forward_pre_hook(lambda m, args: seen.append(type(m.weight)))
+    layer.register_forward_pre_hook(lambda m, args: seen.append(type(m.weight)))  # a hook is not the forward
     layer(torch.randn(2, 8))
-    assert seen == [torch.Tensor, torch.Tensor]
+    assert seen == [kronify.parametrization.LinkedWeight, torch.Tensor]
     assert type(layer.weight) is kronify.parametrization.LinkedWeight  # outside forward: linked
+    with kronify.parametrization.plain_reads():
+        assert type(layer.weight) is torch.Tensor
 
 
 def test_hugging_face_style_init_loop_and_merge_gives_plain_tensors():
