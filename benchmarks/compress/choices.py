@@ -13,13 +13,10 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import json
-import re
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,8 +25,8 @@ from torch import nn
 import kronify
 from benchmarks._common import machine
 from benchmarks.compress import common
-from benchmarks.compress.common import Cache, compress, distill, layer_errors, missing, n_params
-from benchmarks.compress.tasks import OUT, TASKS, Task
+from benchmarks.compress.common import Cache, compress, distill, fmt, layer_errors, n_params
+from benchmarks.compress.tasks import TASKS, Task
 
 FRACTION = 0.05
 DISTILL_VARIANTS: dict[str, dict[str, Any]] = {
@@ -42,21 +39,12 @@ DISTILL_VARIANTS: dict[str, dict[str, Any]] = {
 class TaskChoices:
     """The three groups of measurements for one task, each run cached per (run, seed)."""
 
-    def __init__(self, task: Task, seeds: list[int], cache: Cache, skipped: list[dict], runs: str = "") -> None:
-        self.task, self.seeds, self.cache, self.skipped, self.runs = task, seeds, cache, skipped, runs
+    def __init__(self, task: Task, seeds: list[int], cache: Cache, runs: str = "") -> None:
+        self.task, self.seeds, self.cache, self.runs = task, seeds, cache, runs
         self.teacher = task.trained(0)
-        self.calibrated = common.supports("calibration")
 
-    def _run(self, group: str, run: str, seeds: list[int], needs: tuple[str, ...], fn: Any) -> list[dict]:
-        if not re.search(self.runs, f"{group}/{run}"):   # not computed here: taken from the cache where it is there
-            recs = [self.cache.get(self.task.name, f"{group}/{run}", s) for s in seeds]
-            return [{**r, "group": group, "name": run} for r in recs if r is not None]
-        note = missing(*needs)
-        if note is not None:
-            print(f"  {self.task.name:11s} {group}/{run}: {note}", flush=True)
-            self.skipped.append({"task": self.task.name, "group": group, "run": run, "note": note})
-            return []
-        recs = [self.cache.run(self.task.name, f"{group}/{run}", s, functools.partial(fn, s)) for s in seeds]
+    def _run(self, group: str, run: str, seeds: list[int], fn: Any) -> list[dict]:
+        recs = self.cache.runs(self.task.name, f"{group}/{run}", seeds, fn, self.runs)
         return [{**r, "group": group, "name": run} for r in recs]
 
     def calibration(self) -> list[dict]:
@@ -69,12 +57,12 @@ class TaskChoices:
                     "convert_seconds": time.perf_counter() - t0, **layer_errors(report),
                     "fits": sorted({str(getattr(r, "fit", "")) for r in report.rows if r.status == "converted"})}
 
-        recs = self._run("calibration", "weight-only (no calibration)", [0], (),
+        recs = self._run("calibration", "weight-only (no calibration)", [0],
                          lambda s: self._zero(compress(self.teacher, self.task, n=2)))
         for method in ("weight", "kron", "als"):
             for sequential in ((True,) if method == "weight" else (True, False)):
                 run = f"{method} {'sequential' if sequential else 'parallel'}"
-                recs += self._run("calibration", run, [0], ("calibration",), functools.partial(fit, method, sequential))
+                recs += self._run("calibration", run, [0], functools.partial(fit, method, sequential))
         return recs
 
     def _zero(self, compressed: tuple[nn.Module, Any]) -> dict:
@@ -85,14 +73,12 @@ class TaskChoices:
         """(b): budget = uniform n=2's share of parameters vs uniform n=2, at 0 steps and after 5 %."""
         uniform, _ = compress(self.teacher, self.task, n=2)
         share = n_params(uniform) / n_params(self.teacher)
-        cal = self.calibrated
         sizes = {"uniform n=2": {"n": 2}, f"budget={share:.3f}": {"budget": share}}
         recs = []
         for name, size in sizes.items():
-            needs = ("budget",) if "budget" in size else ()
-            start = functools.partial(compress, self.teacher, self.task, calibrate=cal, **size)
-            recs += self._run("budget", f"{name} 0 steps", [0], needs, lambda s, st=start: self._zero(st(seed=s)))
-            recs += self._run("budget", f"{name} distill 5%", self.seeds, needs + ("distill",),
+            start = functools.partial(compress, self.teacher, self.task, calibrate=True, **size)
+            recs += self._run("budget", f"{name} 0 steps", [0], lambda s, st=start: self._zero(st(seed=s)))
+            recs += self._run("budget", f"{name} distill 5%", self.seeds,
                               lambda s, st=start: self._distilled(st(seed=s)[0], s, {}))
         return recs
 
@@ -103,7 +89,7 @@ class TaskChoices:
                 "steps": max(1, round(FRACTION * self.task.dense_steps)), "distill_seconds": time.perf_counter() - t0}
 
     def distillation(self) -> list[dict]:
-        """(c): each variant from the same warm start per seed: weight-only, and calibrated where available."""
+        """(c): each variant from the same warm start per seed: weight-only and calibrated."""
         starts: dict[tuple[bool, int], nn.Module] = {}
 
         def run(calibrate: bool, kw: dict[str, Any], seed: int) -> dict:
@@ -114,7 +100,6 @@ class TaskChoices:
 
         return [r for calibrate in (False, True) for name, kw in DISTILL_VARIANTS.items()
                 for r in self._run("distill", f"{'calib' if calibrate else 'weight'}: {name}", self.seeds,
-                                   ("calibration", "distill") if calibrate else ("distill",),
                                    functools.partial(run, calibrate, kw))]
 
 
@@ -136,10 +121,6 @@ def summarise(records: list[dict]) -> dict[str, Any]:
     return out
 
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
-
-
 def markdown(result: dict) -> str:
     lines = ["# Compressing trained networks: design choices", "", f"machine: `{json.dumps(result['machine'])}`", ""]
     for task, groups in result["summary"].items():
@@ -153,41 +134,28 @@ def markdown(result: dict) -> str:
                 lines.append(
                     f"| {group} | {name} | {int(r['params']):,} | {int(r['steps'])} | {r['metric_mean']:.4f} ± "
                     f"{r['metric_std']:.4f} | {r['metric_mean'] / dense:.3f} | {len(r['values'])} | "
-                    f"{_fmt(r.get('output_error_median'))} / {_fmt(r.get('output_error_mean'))} | "
-                    f"{_fmt(r.get('weight_fit_error_median'))} | {secs:.1f} |")
+                    f"{fmt(r.get('output_error_median'))} / {fmt(r.get('output_error_mean'))} | "
+                    f"{fmt(r.get('weight_fit_error_median'))} | {secs:.1f} |")
         lines.append("")
-    if result["skipped"]:
-        lines += ["Skipped (kronify feature missing):", ""]
-        lines += [f"- {s['task']} / {s['group']} / {s['run']}: {s['note']}" for s in result["skipped"]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap = common.parser(__doc__, "choices", seeds=2, runs_on="group/run")
     ap.add_argument("--groups", default="calibration,budget,distillation")
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=OUT / "choices")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--runs", default="", help="regex on group/run: compute only those (others: from the cache)")
-    ap.add_argument("--fresh", action="store_true", help="recompute cached runs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cache, skipped, records, dense = Cache(args.out / "runs", args.fresh), [], [], {}
+    cache, records, dense = Cache(args.out / "runs", args.fresh), [], {}
     for name in args.tasks.split(","):
         print(f"== {name}", flush=True)
-        tc = TaskChoices(TASKS[name], list(range(args.seeds)), cache, skipped, args.runs)
+        tc = TaskChoices(TASKS[name], list(range(args.seeds)), cache, args.runs)
         dense[name] = TASKS[name].metric(tc.teacher)
         for group in args.groups.split(","):
             records += getattr(tc, group)()
-    result = {"machine": machine(threads=args.threads, kronify_features={f: common.supports(f) for f in
-                                                                          ("calibration", "budget", "distill")}),
+    result = {"machine": machine(threads=args.threads),
               "seeds": args.seeds, "fraction": FRACTION, "calibration_batches": common.CALIBRATION_BATCHES,
-              "dense_metric": dense, "summary": summarise(records), "skipped": skipped, "records": records}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "results.md").write_text(markdown(result))
-    print(markdown(result))
+              "dense_metric": dense, "summary": summarise(records), "records": records}
+    common.write_results(args.out, result, markdown(result))
     return result
 
 

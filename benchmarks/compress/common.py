@@ -1,14 +1,14 @@
-"""Helpers shared by the compression study and the design-choice measurements: feature detection for the
-parts of kronify that may not have landed yet, compressing a trained model, distilling it, statistics and
-per-run result caching."""
+"""Helpers shared by the compression study and the design-choice measurements: compressing a trained model,
+distilling it, statistics, per-run result caching and the command line and result files both scripts share."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import hashlib
-import inspect
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -19,22 +19,9 @@ import torch
 from torch import nn
 
 import kronify
-from benchmarks.compress.tasks import Task
+from benchmarks.compress.tasks import OUT, TASKS, Task
 
 CALIBRATION_BATCHES = 16
-
-
-def supports(feature: str) -> bool:
-    """Whether this kronify has `feature`: "calibration" / "budget" (convert keywords) or "distill"."""
-    if feature == "distill":
-        return hasattr(kronify, "distill")
-    return feature in inspect.signature(kronify.convert).parameters
-
-
-def missing(*features: str) -> str | None:
-    """A note naming the features this kronify lacks (None when it has them all)."""
-    lacking = [f for f in features if not supports(f)]
-    return f"skipped: kronify has no {', '.join(lacking)} yet" if lacking else None
 
 
 @functools.cache
@@ -141,3 +128,36 @@ class Cache:
         print(f"  {task:11s} {run:28s} seed {seed}: metric {record.get('metric')}  "
               f"params {record.get('params')}  {record['seconds']:.1f} s", flush=True)
         return record
+
+    def runs(self, task: str, run: str, seeds: list[int], fn: Callable[[int], dict], only: str = "") -> list[dict]:
+        """Records of `run` for each seed: computed (or read from the cache) where the regex `only` matches
+        the run's name, else only those already in the cache."""
+        if not re.search(only, run):
+            return [r for s in seeds if (r := self.get(task, run, s)) is not None]
+        return [self.run(task, run, s, functools.partial(fn, s)) for s in seeds]
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    """x to `digits` decimals, or a dash for a missing value."""
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def parser(doc: str, name: str, *, seeds: int, runs_on: str = "the run's name") -> argparse.ArgumentParser:
+    """The options both scripts take: --tasks, --seeds, --out (default OUT/name), --threads, --runs, --fresh."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--seeds", type=int, default=seeds)
+    ap.add_argument("--out", type=Path, default=OUT / name)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runs", default="", help=f"regex on {runs_on}: compute only the runs it matches "
+                    "(others: from the cache)")
+    ap.add_argument("--fresh", action="store_true", help="recompute cached runs")
+    return ap
+
+
+def write_results(out: Path, result: dict, markdown: str) -> None:
+    """OUT/results.json and OUT/results.md, and the markdown printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "results.md").write_text(markdown)
+    print(markdown)

@@ -5,23 +5,19 @@ scratch with labels, and a per-layer `budget=0.5` against uniform n=2.
     python -m benchmarks.compress.study [--tasks digits_cnn,shapes_cnn,tiny_bert] [--seeds 3]
         [--out out/compress/study] [--runs REGEX] [--fresh]
 
-Each (task, run, seed) is cached under OUT/runs/, so a rerun only adds what is missing (e.g. once kronify gains
-`calibration=` or `distill`). Runs whose kronify feature is missing are listed as skipped, never estimated.
+Each (task, run, seed) is cached under OUT/runs/, so a rerun only adds what is missing.
 Distillation: kronify.distill defaults (loss "auto" = MSE on logits, lr 1e-3, warm-up 5 %, cosine, BN running
 statistics frozen) on augmented unlabelled training inputs, batch size as in dense training.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
 import json
-import re
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,8 +25,8 @@ from torch import nn
 
 from benchmarks._common import machine
 from benchmarks.compress import common
-from benchmarks.compress.common import Cache, compress, distill, layer_errors, missing, n_params
-from benchmarks.compress.tasks import OUT, TASKS, Task
+from benchmarks.compress.common import Cache, compress, distill, fmt, layer_errors, n_params
+from benchmarks.compress.tasks import TASKS, Task
 
 FRACTIONS = (0.01, 0.05, 0.20)
 
@@ -45,8 +41,8 @@ def _record(task: Task, model: nn.Module, steps: int, report: Any = None, **extr
 class TaskStudy:
     """The runs of one task; warm starts are computed once per (kind, seed) and copied for each distillation."""
 
-    def __init__(self, task: Task, seeds: list[int], cache: Cache, skipped: list[dict], runs: str = "") -> None:
-        self.task, self.seeds, self.cache, self.skipped, self.runs = task, seeds, cache, skipped, runs
+    def __init__(self, task: Task, seeds: list[int], cache: Cache, runs: str = "") -> None:
+        self.task, self.seeds, self.cache, self.runs = task, seeds, cache, runs
         self.teacher = task.trained(0)
         self.starts: dict[tuple[str, int], tuple[nn.Module, Any, float]] = {}
 
@@ -70,34 +66,27 @@ class TaskStudy:
         return _record(self.task, model, max(1, round(fraction * self.task.dense_steps)),
                        distill_seconds=time.perf_counter() - t0)
 
-    def add(self, run: str, seeds: list[int], needs: tuple[str, ...], fn: Callable[[int], dict]) -> list[dict]:
-        if not re.search(self.runs, run):   # not computed here: taken from the cache where it is there
-            return [r for s in seeds if (r := self.cache.get(self.task.name, run, s)) is not None]
-        note = missing(*needs)
-        if note is not None:
-            print(f"  {self.task.name:11s} {run:28s} {note}", flush=True)
-            self.skipped.append({"task": self.task.name, "run": run, "note": note})
-            return []
-        return [self.cache.run(self.task.name, run, s, functools.partial(fn, s)) for s in seeds]
+    def add(self, run: str, seeds: list[int], fn: Callable[[int], dict]) -> list[dict]:
+        return self.cache.runs(self.task.name, run, seeds, fn, self.runs)
 
     def run_all(self) -> list[dict]:
         t, one, seeds = self.task, [0], self.seeds
-        recs = self.add("dense", one, (), lambda s: _record(t, self.teacher, t.dense_steps))
-        recs += self.add("weight", one, (), lambda s: self.zero_step("weight", s))
-        recs += self.add("calib", seeds, ("calibration",), lambda s: self.zero_step("calib", s))
-        recs += self.add("budget weight", one, ("budget",), lambda s: self.zero_step("budget", s))
-        recs += self.add("budget calib", seeds, ("budget", "calibration"), lambda s: self.zero_step("budget calib", s))
+        recs = self.add("dense", one, lambda s: _record(t, self.teacher, t.dense_steps))
+        recs += self.add("weight", one, lambda s: self.zero_step("weight", s))
+        recs += self.add("calib", seeds, lambda s: self.zero_step("calib", s))
+        recs += self.add("budget weight", one, lambda s: self.zero_step("budget", s))
+        recs += self.add("budget calib", seeds, lambda s: self.zero_step("budget calib", s))
         for f in FRACTIONS:
             pct = f"{f * 100:g}%"
-            recs += self.add(f"weight+distill {pct}", seeds, ("distill",),
+            recs += self.add(f"weight+distill {pct}", seeds,
                              functools.partial(lambda f, s: self.distilled("weight", f, s), f))
-            recs += self.add(f"calib+distill {pct}", seeds, ("calibration", "distill"),
+            recs += self.add(f"calib+distill {pct}", seeds,
                              functools.partial(lambda f, s: self.distilled("calib", f, s), f))
             if f >= 0.05:
-                recs += self.add(f"budget calib+distill {pct}", seeds, ("budget", "calibration", "distill"),
+                recs += self.add(f"budget calib+distill {pct}", seeds,
                                  functools.partial(lambda f, s: self.distilled("budget calib", f, s), f))
-        recs += self.add("scratch", seeds, (), lambda s: _record(t, common.scratch(t, s, n=2), t.dense_steps))
-        recs += self.add("dense (training seed)", seeds, (), lambda s: _record(t, t.trained(s), t.dense_steps))
+        recs += self.add("scratch", seeds, lambda s: _record(t, common.scratch(t, s, n=2), t.dense_steps))
+        recs += self.add("dense (training seed)", seeds, lambda s: _record(t, t.trained(s), t.dense_steps))
         return recs
 
 
@@ -156,10 +145,6 @@ def summarise(records: list[dict]) -> dict[str, Any]:
     return tasks
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
-
-
 def markdown(result: dict) -> str:
     lines = ["# Compressing trained networks (study)", "", f"machine: `{json.dumps(result['machine'])}`", ""]
     for name, t in result["tasks"].items():
@@ -170,41 +155,27 @@ def markdown(result: dict) -> str:
         for run, r in t["runs"].items():
             lines.append(f"| {run} | {r['params']:,} | {r['steps']} | {r['metric_mean']:.4f} ± "
                          f"{r['metric_std']:.4f} | {r['ratio_mean']:.3f} ± {r['ratio_std']:.3f} | {r['n']} | "
-                         f"{_fmt(r.get('output_error_median'))} | {r['seconds_total']:.1f} |")
+                         f"{fmt(r.get('output_error_median'))} | {r['seconds_total']:.1f} |")
         lines += ["", "| a | b | test | n | mean(a − b) | p |", "|---|---|---|---|---:|---:|"]
-        lines += [f"| {c['a']} | {c['b']} | {c['test']} | {c['n']} | {c['mean_diff']:+.4f} | {_fmt(c['p'], 4)} |"
+        lines += [f"| {c['a']} | {c['b']} | {c['test']} | {c['n']} | {c['mean_diff']:+.4f} | {fmt(c['p'], 4)} |"
                   for c in t["comparisons"]]
         lines.append("")
-    if result["skipped"]:
-        lines += ["Skipped (kronify feature missing):", ""]
-        lines += [f"- {s['task']} / {s['run']}: {s['note']}" for s in result["skipped"]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", default=",".join(TASKS))
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--out", type=Path, default=OUT / "study")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--runs", default="", help="regex: compute only the runs it matches (others: from the cache)")
-    ap.add_argument("--fresh", action="store_true", help="recompute cached runs")
-    args = ap.parse_args(argv)
+    args = common.parser(__doc__, "study", seeds=3).parse_args(argv)
     torch.set_num_threads(args.threads)
-    cache, skipped, records = Cache(args.out / "runs", args.fresh), [], []
+    cache, records = Cache(args.out / "runs", args.fresh), []
     started = time.perf_counter()
     for name in args.tasks.split(","):
         print(f"== {name}", flush=True)
-        records += TaskStudy(TASKS[name], list(range(args.seeds)), cache, skipped, args.runs).run_all()
-    result = {"machine": machine(threads=args.threads, kronify_features={f: common.supports(f) for f in
-                                                                          ("calibration", "budget", "distill")}),
+        records += TaskStudy(TASKS[name], list(range(args.seeds)), cache, args.runs).run_all()
+    result = {"machine": machine(threads=args.threads),
               "seeds": args.seeds, "fractions": FRACTIONS, "calibration_batches": common.CALIBRATION_BATCHES,
-              "tasks": summarise(records), "skipped": skipped, "records": records,
+              "tasks": summarise(records), "records": records,
               "seconds_this_invocation": time.perf_counter() - started}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "results.md").write_text(markdown(result))
-    print(markdown(result))
+    common.write_results(args.out, result, markdown(result))
     return result
 
 
