@@ -1,27 +1,38 @@
-"""Carry out conversion plans: register the Kronecker parametrizations, warm or cold started, and undo them all
-if anything fails (`apply_plans`); with calibration batches, fit the factors to the layers' inputs
-(`apply_calibrated`).
+"""Carry out conversion plans.
+
+- `apply_in_place`: what `kronify.convert` does: layer by layer, the factors are made from the dense weight, the
+  layer is parametrized and its dense weight dropped, so the peak is the model plus one layer's factors (not two
+  copies of the model). Each layer is converted entirely or not at all; since memory for an undo of the whole model
+  is what this saves, an unexpected failure half way (out of memory, an interrupt) raises
+  `PartialConversionError` naming the converted and the remaining layers. Every check on the input runs before.
+- `apply_from`: the same from dense tensors read elsewhere (a checkpoint): every layer is fitted before the model
+  changes, so any failure leaves it untouched.
+- `apply_plans`: register the parametrizations with a full undo on any error (keeps every dense weight until it
+  returns; kronify.io loads factors with it); `apply_calibrated` fits the factors to the layers' inputs with it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from kronify.algebra import algebra_matrices
 from kronify.calibration import CalibrationLayer, calibrate, collect, first_calls, read_batches
 from kronify.config import CalibrationConfig, KronConfig
+from kronify.kron import kronecker_fit, kronecker_projection
 from kronify.layer_kinds import kind_of
 from kronify.parametrization import (KronParametrization, build_once_per_call, is_kron, link_weight,
                                      share_parametrization, unlink)
 from kronify.plan import Plan, Target
 from kronify.report import own_param_count
 
-__all__ = ["Undo", "apply_calibrated", "apply_plans", "parametrize_weight"]
+__all__ = ["PartialConversionError", "Undo", "apply_calibrated", "apply_from", "apply_in_place", "apply_plans",
+           "parametrize_weight"]
 
 
 class Undo:
@@ -87,11 +98,175 @@ def apply_plans(plans: list[Plan], warm_start: bool) -> Undo:
         plan.row.status = "converted"
         plan.row.params_after = own_param_count(plan.candidate.module) if plan.candidate else 0
         plan.row.warm_start_error = _combined_error(ps, dense) if warm_start else None
-    for plan in plans:  # only once nothing can fail any more
+    _finish(plans)
+    return undo
+
+
+def _finish(plans: list[Plan]) -> None:
+    """What is done once nothing can fail any more: layers that read a weight often build it once per call."""
+    for plan in plans:
         kind = kind_of(plan.targets[0].owner)  # None for a ParametrizationList owner
         if kind is not None and kind.reads_weight_often:
             build_once_per_call(plan.targets[0].owner)
-    return undo
+
+
+# ---- layer by layer, freeing each dense weight -----------------------------------------------------------------
+class PartialConversionError(RuntimeError):
+    """An unexpected failure (out of memory, an interrupt, a fit that failed) while `convert` applied its plans
+    layer by layer, after every check on the input had passed. `converted`: the layers that are now Kronecker
+    layers; `remaining`: the layers still exactly as they were, the failed one first. Converting the model again
+    with the same settings converts the remaining ones (converted layers are skipped)."""
+
+    def __init__(self, message: str, converted: list[str], remaining: list[str]) -> None:
+        super().__init__(message)
+        self.converted, self.remaining = converted, remaining
+
+
+@dataclass
+class _Fit:
+    """One target's parametrization and its factors, made before the model changes: fitted (warm start; sq_norm
+    = ‖w‖²) or empty, to be cold-started to the dense weight's `std`."""
+
+    target: Target
+    p: KronParametrization
+    factors: list[Tensor]
+    sq_norm: float = 0.0
+    std: float | None = None
+
+
+def _std(w: Tensor) -> float:
+    """Standard deviation of w in float64, streamed over rows (no float64 copy of w)."""
+    if w.numel() <= 1:
+        return float(w.detach().double().abs().sum())
+    rows = w.detach().reshape(w.shape[0], -1)
+    total = sq = 0.0
+    for block in rows.split(max(1, (1 << 16) // rows.shape[1])):
+        block = block.double()
+        total, sq = total + float(block.sum()), sq + float(block.square().sum())
+    count = w.numel()
+    return math.sqrt(max(sq - total * total / count, 0.0) / (count - 1))
+
+
+def _fit(target: Target, settings: dict, w: Tensor, warm_start: bool) -> _Fit:
+    """The parametrization of `target` and its factors from the dense tensor `w` (the nearest Kronecker sum per
+    chunk, or empty factors and w's std for a cold start): reads w, changes nothing."""
+    p = KronParametrization(target.shape, settings["n"], settings["terms"], settings["algebra"], target.chunks)
+    p.to(device=w.device, dtype=w.dtype)
+    if not warm_start:
+        q, k = target.shape[1] // p.n, target.shape[2:]
+        F = torch.empty(p.chunks * p.terms * target.shape[0] // (p.chunks * p.n), q, *k, dtype=w.dtype,
+                        device=w.device)
+        A = [torch.empty(p.chunks * p.terms, p.n, p.n, dtype=w.dtype, device=w.device)] if p.learned else []
+        return _Fit(target, p, A + [F], std=_std(w))
+    As, Fs, sq, err2 = [], [], [], []
+    for chunk in w.detach().chunk(p.chunks):
+        if p.learned:
+            a, f, err, s = kronecker_fit(chunk, p.n, p.terms)
+            As.append(a)
+        else:
+            f, err, s = kronecker_projection(chunk, algebra_matrices(p.algebra, dtype=torch.float64))
+        Fs.append(f.reshape(-1, *f.shape[2:]))
+        sq.append(s)
+        err2.append(err * err * s)
+    p.fit_error = math.sqrt(sum(err2) / sum(sq)) if sum(sq) > 0 else 0.0
+    F = Fs[0] if len(Fs) == 1 else torch.cat(Fs)
+    A = [As[0] if len(As) == 1 else torch.cat(As)] if p.learned else []
+    return _Fit(target, p, A + [F], sq_norm=sum(sq))
+
+
+def _meta_placeholder(owner: nn.Module, name: str) -> None:
+    """Swap `owner.<name>` for a meta tensor of its shape, so registering the parametrization fits nothing."""
+    t = owner._parameters[name]
+    owner._parameters[name] = nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"), t.requires_grad)
+
+
+def _install(fit: _Fit, undo: Undo) -> None:
+    """Parametrize fit.target with fit.p and put fit.factors in as its originals (tied heads share them)."""
+    owner, name = fit.target.owner, fit.target.tensor
+    undo.record(owner, name)
+    requires_grad = owner._parameters[name].requires_grad
+    fit.p.param_order = list(owner._parameters)
+    _meta_placeholder(owner, name)
+    error = fit.p.fit_error
+    parametrize.register_parametrization(owner, name, fit.p, unsafe=True)
+    link_weight(owner, name)
+    plist = owner.parametrizations[name]
+    names = ["original0", "original1"] if fit.p.learned else ["original"]
+    for key, factor in zip(names, fit.factors):
+        setattr(plist, key, nn.Parameter(factor, requires_grad))
+    for head, head_name in fit.target.tied:
+        undo.record(head, head_name)
+        _meta_placeholder(head, head_name)
+        share_parametrization(head, head_name, plist)
+    fit.p.fit_error = error
+    if fit.std is not None:
+        fit.p.cold_start([getattr(plist, key) for key in names], fit.std)
+
+
+def _report(plan: Plan, fits: list[_Fit], warm_start: bool) -> None:
+    plan.row.status = "converted"
+    plan.row.params_after = own_param_count(plan.candidate.module) if plan.candidate else 0
+    total = sum(f.sq_norm for f in fits)
+    plan.row.warm_start_error = (math.sqrt(sum(f.p.fit_error ** 2 * f.sq_norm for f in fits) / total)
+                                 if total > 0 else 0.0) if warm_start else None
+
+
+def _dense(target: Target) -> Tensor:
+    return target.owner._parameters[target.tensor].detach()
+
+
+def apply_in_place(plans: list[Plan], warm_start: bool) -> None:
+    """Convert the planned layers one by one: fit the factors to the dense weight, parametrize the layer, drop the
+    dense weight (freed unless something else holds it). A layer is converted entirely or not at all; on an
+    unexpected failure it raises `PartialConversionError` (an interrupt is re-raised with a note) saying which
+    layers are converted and what to do."""
+    done: list[str] = []
+    for k, plan in enumerate(plans):
+        try:
+            fits = [_fit(t, plan.settings, _dense(t), warm_start) for t in plan.targets]
+            undo = Undo()
+            try:
+                for fit in fits:
+                    _install(fit, undo)
+            except BaseException:
+                undo.undo()
+                raise
+        except BaseException as e:
+            left = [p.row.name for p in plans[k:]]
+            msg = (f"converting {plan.row.name!r} ({plan.row.kind}) failed: {e}. The model is partly converted: "
+                   f"{len(done)} layer(s) are Kronecker layers ({_names(done)}), {len(left)} are unchanged "
+                   f"({_names(left)}). Convert it again with the same settings to convert the rest (converted "
+                   "layers are skipped), or rebuild the model.")
+            if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: keep their type
+                e.add_note(msg)
+                raise
+            raise PartialConversionError(msg, done, left) from e
+        _report(plan, fits, warm_start)
+        done.append(plan.row.name)
+        del fits, undo  # the dense weight goes as soon as nothing refers to it
+    _finish(plans)
+
+
+def apply_from(plans: list[Plan], read: Callable[[Target], Tensor], warm_start: bool) -> None:
+    """Convert the planned layers from dense tensors `read(target)` gives (read one at a time, each dropped once its
+    factors are made), not from the model's own: every layer is fitted before the model changes, then all are
+    parametrized, so any failure leaves the model as it was."""
+    fits = [[_fit(t, plan.settings, read(t), warm_start) for t in plan.targets] for plan in plans]
+    undo = Undo()
+    try:
+        for layer in fits:
+            for fit in layer:
+                _install(fit, undo)
+    except BaseException:
+        undo.undo()
+        raise
+    for plan, layer in zip(plans, fits):
+        _report(plan, layer, warm_start)
+    _finish(plans)
+
+
+def _names(names: list[str], most: int = 6) -> str:
+    return ", ".join(map(repr, names[:most])) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
 
 
 def apply_calibrated(model: nn.Module, todo: list[Plan], config: KronConfig, batches: Any) -> KronConfig:

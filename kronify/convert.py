@@ -8,27 +8,31 @@ weight gets a `KronParametrization` (torch.nn.utils.parametrize): the layer keep
 hooks, shared layers stay shared, and a weight under another parametrization gets the Kronecker structure
 on its original.
 
-Conversion runs in three steps so that an error leaves the model exactly as it was: find (candidate
-layers and every path to them) and plan (validate settings, decide per layer) in `kronify.plan`, then apply
-(register the parametrizations; on any error every registration made so far is undone) in `kronify.apply`.
-The kinds of layer are listed in one table, `kronify.layer_kinds.KINDS`.
+Conversion runs in steps: find (candidate layers and every path to them) and plan (validate settings, decide
+per layer, check the weights are finite and, with a checkpoint, that it holds every tensor in its shape) in
+`kronify.plan` / `kronify.checkpoint`, changing nothing, then apply in `kronify.apply`: layer by layer, freeing
+each dense weight as its factors are made (an unexpected failure there raises `PartialConversionError`, naming the
+converted layers), or from a checkpoint, all layers fitted before anything changes. The kinds of layer are listed in
+one table, `kronify.layer_kinds.KINDS`.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from typing import Any
 
 from torch import nn
 
-from kronify.apply import apply_calibrated, apply_plans
+from kronify.apply import apply_calibrated, apply_from, apply_in_place
 from kronify.budget_plan import budget_config
 from kronify.calibration import read_batches
+from kronify.checkpoint import Checkpoint, match_checkpoint
 from kronify.config import CalibrationConfig, KronConfig
 from kronify.parametrization import is_kron
 from kronify.patterns import Selector
-from kronify.plan import make_plans
+from kronify.plan import check_finite, make_plans
 from kronify.report import ConversionReport, count_params
 
 __all__ = ["convert", "is_kron"]
@@ -68,6 +72,7 @@ def convert(
     calibration_config: CalibrationConfig | None = None,
     inplace: bool = True,
     example_inputs: Any = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> ConversionReport:
     """Give the weights of `model`'s Linear / Conv* / ConvTranspose* / Conv1D / MultiheadAttention layers
     the Kronecker structure W = Σ_t A_t ⊗ F_t.
@@ -88,8 +93,20 @@ def convert(
     inplace=False converts a deep copy (`report.model`). example_inputs: a tensor or tuple run through the
     model when torch.fx cannot trace it, to learn which layers run (buffers are restored afterwards).
 
-    Frozen weights give frozen factors; biases are not touched. Any error leaves `model` unchanged.
-    Returns a ConversionReport (`.model` is the converted model, `.config` the KronConfig).
+    checkpoint: a safetensors checkpoint of the dense model (a `*.safetensors` file, a Hugging Face sharded
+    `*.safetensors.index.json`, or a directory with either) whose tensors replace the model's: typically for a
+    model built on the meta device. Each converted layer's factors are made from its tensor, read one at a time
+    and then dropped; every other parameter and buffer is read in (in the model's dtype; tied weights stay tied).
+    The peak memory is about the converted model plus the largest layer. Not with calibration or budget, which need
+    the whole dense model: load it first.
+
+    Frozen weights give frozen factors; biases are not touched. Every check on the input (settings, dims,
+    non-finite weights, a checkpoint's keys, shapes and dtypes) runs before anything changes, and then raises
+    leaving `model` unchanged. Without calibration the layers are then converted one at a time, each dense weight
+    freed as its factors are made (peak memory: the model plus one layer's factors); should that fail unexpectedly
+    (out of memory, an interrupt), a `kronify.apply.PartialConversionError` names the converted layers, and
+    converting again with the same settings finishes the rest. From a checkpoint, and with calibration, any error
+    leaves `model` unchanged. Returns a ConversionReport (`.model` is the converted model, `.config` the KronConfig).
     """
     config = _resolve_config(n, config, dict(terms=terms, algebra=algebra, warm_start=warm_start, include=include,
                                              exclude=exclude, overrides=overrides or {}, strict=strict,
@@ -97,6 +114,10 @@ def convert(
                                              calibration=calibration_config))
     if calibration is not None and not config.warm_start:
         raise ValueError("convert: calibration fits the warm start to the inputs; pass warm_start=True with it")
+    if checkpoint is not None and (calibration is not None or config.budget is not None):
+        raise ValueError("convert: calibration and budget need the whole dense model; load the checkpoint into the "
+                         "model first (e.g. from_pretrained) and convert it without checkpoint=")
+    source = Checkpoint(checkpoint) if checkpoint is not None else None  # reads headers only
     if calibration is not None:  # read once: a one-shot iterator serves the budget and the fit alike
         calibration = read_batches(calibration, config.calibration or CalibrationConfig())
     target = model if inplace else copy.deepcopy(model)
@@ -123,8 +144,14 @@ def convert(
         why = "; ".join(f"{p.row.name}: {p.row.reason}" for p in plans[:8]) or "no layers with weights"
         extra = f" ({'; '.join(unused)} matched no layer)" if unused else ""
         raise ValueError(f"nothing to convert{extra}: {why}{' ...' if len(plans) > 8 else ''}")
-    if calibration is None or not todo:
-        apply_plans(todo, config.warm_start)
+    if source is not None:
+        loading = match_checkpoint(target, source, todo)
+        staged = loading.stage()  # the tensors that stay dense, read before any change
+        apply_from(todo, loading.read, config.warm_start)
+        loading.assign(staged)
+    elif calibration is None or not todo:
+        check_finite(todo)
+        apply_in_place(todo, config.warm_start)
     else:
         config = apply_calibrated(target, todo, config, calibration)
     return ConversionReport(model=target, rows=[p.row for p in plans], params_before=params_before,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -21,7 +22,8 @@ from kronify.parametrization import own_kron_parametrizations
 from kronify.patterns import Selector
 from kronify.report import LayerRow, own_param_count
 
-__all__ = ["Candidate", "Plan", "Target", "find_candidates", "make_plans", "param_owners", "target_for"]
+__all__ = ["Candidate", "Plan", "Target", "check_finite", "find_candidates", "make_plans", "param_owners",
+           "target_for"]
 
 
 @dataclass
@@ -188,3 +190,17 @@ def make_plans(model: nn.Module, config: KronConfig, selector: Selector,
     return plans, analysis
 
 
+
+
+def check_finite(plans: list[Plan]) -> None:
+    """Raise ValueError naming the planned layers whose weights hold inf or nan (checked before anything changes,
+    as the layer-by-layer conversion cannot undo the layers before a failing one). One reading pass: a sum is
+    finite exactly when every entry is, unless it overflows, which only the element-wise check then settles."""
+    bad = []
+    for plan in plans:
+        for t in plan.targets:
+            w = t.owner._parameters[t.tensor].detach()
+            if not w.is_meta and not bool(torch.isfinite(w.sum())) and not bool(torch.isfinite(w).all()):
+                bad.append(f"{plan.row.name} ({t.tensor})")
+    if bad:
+        raise ValueError(f"weights with inf or nan entries cannot be converted: {', '.join(bad)}")

@@ -161,21 +161,51 @@ def test_strict_lists_every_unconvertible_layer_and_leaves_model_unchanged():
     assert rep.skipped["1"] == "depthwise, in_channels/groups=1 not divisible by n=2"
 
 
-def test_error_while_building_leaves_model_unchanged(monkeypatch):
-    model = Net()
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_unexpected_error_while_applying_names_the_converted_layers_and_a_second_call_finishes(monkeypatch, error):
+    """Layer by layer, each dense weight is freed once its layer is converted, so an unexpected failure cannot
+    undo the layers before it: they stay converted, the failing one and the rest stay exactly as they were, the
+    error says which, and converting again with the same settings gives what one call gives."""
+    torch.manual_seed(0)
+    model, reference = Net(), None
+    reference = copy.deepcopy(model)
+    kronify.convert(reference, warm_start=True)
     snap = snapshot(model)
-    calls = []
     module = sys.modules["kronify.apply"]
-    original = module.parametrize_weight
+    original, calls = module._install, []
 
-    def failing(target, *args, **kwargs):  # the 4th weight (head.fc2) fails after 3 were parametrized
-        calls.append(target)
+    def failing(fit, undo):  # the 4th weight (head.fc2) fails after 3 layers were converted
+        calls.append(fit)
         if len(calls) == 4:
-            raise RuntimeError("boom")
-        return original(target, *args, **kwargs)
+            raise error
+        return original(fit, undo)
 
-    monkeypatch.setattr(module, "parametrize_weight", failing)
-    with pytest.raises(RuntimeError, match="converting 'head.fc2' \\(Linear\\) failed: boom"):
+    monkeypatch.setattr(module, "_install", failing)
+    with pytest.raises(type(error)) as err:
+        kronify.convert(model, warm_start=True)
+    msg = str(err.value) if isinstance(error, Exception) else "\n".join(err.value.__notes__)
+    assert "converting 'head.fc2' (Linear) failed" in msg
+    assert "3 layer(s) are Kronecker layers ('body.0', 'body.2', 'head.fc1'), 1 are unchanged ('head.fc2')" in msg
+    if isinstance(error, Exception):
+        assert isinstance(err.value, kronify.apply.PartialConversionError)
+        assert err.value.converted == ["body.0", "body.2", "head.fc1"] and err.value.remaining == ["head.fc2"]
+    assert [is_kron(m) for m in (model.body[0], model.body[2], model.head["fc1"], model.head["fc2"])] == \
+        [True, True, True, False]
+    assert torch.equal(model.head["fc2"].weight, snap[1]["head.fc2.weight"])
+    assert type(model.head["fc2"]) is nn.Linear and not model.head["fc2"]._forward_hooks
+    monkeypatch.setattr(module, "_install", original)
+    rep = kronify.convert(model, warm_start=True)
+    assert rep.converted == ["head.fc2"]
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_bad_input_fails_before_any_layer_changes():
+    model = Net()
+    with torch.no_grad():
+        model.head["fc2"].weight[1, 2] = float("inf")  # (nan would not compare equal to itself)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"inf or nan entries cannot be converted: head.fc2 \(weight\)"):
         kronify.convert(model, warm_start=True)
     assert_unchanged(model, snap)
 
