@@ -149,15 +149,14 @@ def _std(w: Tensor) -> float:
 
 def _fit(target: Target, settings: dict, w: Tensor, warm_start: bool) -> _Fit:
     """The parametrization of `target` and its factors from the dense tensor `w` (the nearest Kronecker sum per
-    chunk, or empty factors and w's std for a cold start): reads w, changes nothing."""
+    chunk, or empty factors and w's std for a cold start, or empty factors for a meta w): changes nothing."""
     p = KronParametrization(target.shape, settings["n"], settings["terms"], settings["algebra"], target.chunks)
     p.to(device=w.device, dtype=w.dtype)
-    if not warm_start:
-        q, k = target.shape[1] // p.n, target.shape[2:]
-        F = torch.empty(p.chunks * p.terms * target.shape[0] // (p.chunks * p.n), q, *k, dtype=w.dtype,
-                        device=w.device)
+    if not warm_start or w.is_meta:  # a model on the meta device without a checkpoint: shapes only
+        F = torch.empty(p.chunks * p.terms * target.shape[0] // (p.chunks * p.n), target.shape[1] // p.n,
+                        *target.shape[2:], dtype=w.dtype, device=w.device)
         A = [torch.empty(p.chunks * p.terms, p.n, p.n, dtype=w.dtype, device=w.device)] if p.learned else []
-        return _Fit(target, p, A + [F], std=_std(w))
+        return _Fit(target, p, A + [F], std=None if w.is_meta else _std(w))
     As, Fs, sq, err2 = [], [], [], []
     for chunk in w.detach().chunk(p.chunks):
         if p.learned:
@@ -207,8 +206,9 @@ def _report(plan: Plan, fits: list[_Fit], warm_start: bool) -> None:
     plan.row.status = "converted"
     plan.row.params_after = own_param_count(plan.candidate.module) if plan.candidate else 0
     total = sum(f.sq_norm for f in fits)
+    fitted = warm_start and all(f.p.fit_error is not None for f in fits)
     plan.row.warm_start_error = (math.sqrt(sum(f.p.fit_error ** 2 * f.sq_norm for f in fits) / total)
-                                 if total > 0 else 0.0) if warm_start else None
+                                 if total > 0 else 0.0) if fitted else None
 
 
 def _dense(target: Target) -> Tensor:
@@ -266,6 +266,8 @@ def apply_from(plans: list[Plan], read: Callable[[Target], Tensor], warm_start: 
 
 
 def _names(names: list[str], most: int = 6) -> str:
+    if not names:
+        return "none"
     return ", ".join(map(repr, names[:most])) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
 
 

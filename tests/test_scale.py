@@ -238,6 +238,16 @@ def test_a_failure_while_fitting_from_a_checkpoint_leaves_the_meta_model_untouch
     assert all_meta(model)
 
 
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_meta_model_without_a_checkpoint_converts_shapes_only(warm_start):
+    model = on_meta()
+    report = kronify.convert(model, n=2, warm_start=warm_start)
+    proj = model.model.layers[0].self_attn.q_proj
+    assert is_kron(proj) and proj.weight.is_meta and proj.weight.shape == (32, 32)
+    assert report.params_after < report.params_before
+    assert all(r.warm_start_error is None for r in report.rows)
+
+
 def test_plain_module_on_meta_with_a_non_persistent_buffer_is_refused(tmp_path):
     class WithBuffer(nn.Module):
         def __init__(self):
