@@ -279,7 +279,9 @@ def test_checkpoint_reads_what_safetensors_writes(tmp_path_factory, shape, dtype
 @given(n=st.sampled_from([2, 3]), p=st.integers(1, 6), q=st.integers(1, 4),
        kernel=st.lists(st.integers(1, 3), max_size=2), block=st.sampled_from([1, 7, 64]), data=st.data())
 def test_streaming_over_blocks_does_not_change_the_fit(n, p, q, kernel, block, data):
-    """Whatever the block size (down to one entry: every row of p is a block), the fit is the whole-matrix one."""
+    """Whatever the block size (down to one row of p per block), the fit is the whole-matrix one: the same
+    Kronecker sum and error (the factors themselves may differ where the choice is free: the signs of u_t, or the
+    directions of empty terms when R has fewer than `terms` non-zero singular values)."""
     terms = data.draw(st.integers(1, n * n))
     W = torch.randn(n * p, n * q, *kernel, dtype=torch.float64)
     A0, F0, e0 = nearest_kronecker(W, n, terms)
@@ -288,8 +290,7 @@ def test_streaming_over_blocks_does_not_change_the_fit(n, p, q, kernel, block, d
         A, F, e = nearest_kronecker(W, n, terms)
     finally:
         kron_module._BLOCK_NUMEL = kept
-    torch.testing.assert_close(A, A0, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(F, F0, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(kron_weight(A, F), kron_weight(A0, F0), rtol=1e-9, atol=1e-12)
     assert e == pytest.approx(e0, rel=1e-9, abs=1e-12)
     Wc = W.contiguous(memory_format=torch.channels_last) if W.dim() == 4 else W
     torch.testing.assert_close(kron_weight(*nearest_kronecker(Wc, n, terms)[:2]), kron_weight(A0, F0))
