@@ -154,6 +154,16 @@ def test_meta_model_plus_checkpoint_equals_converting_in_memory(tmp_path, tie, s
         assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def test_tied_embedding_converted_from_a_checkpoint_shares_its_factors_with_the_head(tmp_path):
+    dense = llama(tie=True)
+    save_file(dense_state(dense), tmp_path / "model.safetensors")
+    kronify.convert(dense, n=2, warm_start=True, embeddings=True)
+    model = on_meta(tie=True)
+    kronify.convert(model, n=2, warm_start=True, embeddings=True, checkpoint=tmp_path)
+    assert model.lm_head.parametrizations.weight is model.model.embed_tokens.parametrizations.weight
+    assert same_state(model, dense) and torch.equal(model(TOKENS).logits, dense(TOKENS).logits)
+
+
 def test_checkpoint_tensors_are_read_one_at_a_time(tmp_path, monkeypatch):
     """Each converted layer's dense tensor is dropped once its factors are made: at every read, no earlier dense
     tensor of a converted layer is alive."""
