@@ -5,7 +5,7 @@
 from kronify.config import CalibrationConfig, KronConfig
 from kronify.convert import convert, is_kron
 from kronify.distill import DistillResult, distill
-from kronify.io import load, save
+from kronify.io import from_pretrained, load, save
 from kronify.kron import kron_weight, nearest_kronecker
 from kronify.merge import merge
 from kronify.parametrization import KronParametrization, kron_param_count
@@ -21,6 +21,7 @@ __all__ = [
     "convert",
     "distill",
     "DistillResult",
+    "from_pretrained",
     "is_kron",
     "kron_param_count",
     "kron_weight",

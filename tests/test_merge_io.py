@@ -1,8 +1,10 @@
-"""kronify.merge (back to plain torch layers, export with jit.trace / ONNX) and kronify.save / load."""
+"""kronify.merge (back to plain torch layers, export with jit.trace / ONNX) and kronify.save / load of a single
+file (directories and Hugging Face models: test_hf_io.py)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,14 +97,17 @@ def test_save_load_round_trip_with_mixed_settings(tmp_path):
     with safe_open(str(path), framework="pt") as f:  # a plain safetensors file: no pickle anywhere
         record = json.loads(f.metadata()["kronify"])
         keys = set(f.keys())
-    assert record["kronify_version"] and record["format"] == 2
+    assert record["kronify_version"] and record["torch_version"] == torch.__version__ and record["format"] == 3
     assert kronify.KronConfig.from_dict(record["config"]) == cfg
     tensors = {(t["owner"], t["tensor"]): t for t in record["tensors"]}
     assert tensors["conv", "weight"] == {"owner": "conv", "tensor": "weight", "shape": [8, 4, 3, 3], "chunks": 1,
                                              "n": 4, "terms": 16, "algebra": "learned"}
     assert tensors["fc", "weight"]["algebra"] == "complex" and tensors["attn", "in_proj_weight"]["chunks"] == 3
     assert ("out", "weight") not in tensors and ("fc_again", "weight") not in tensors
-    assert "conv.parametrizations.weight.original0" in keys and "out.weight" in keys
+    # factors say what they hold; a fixed algebra's constant A is stored too
+    assert {"conv.weight.kron_A", "conv.weight.kron_F", "fc.weight.kron_A", "fc.weight.kron_F",
+            "attn.in_proj_weight.kron_A", "out.weight"} <= keys
+    assert not any("parametrizations" in k for k in keys)
     base = Model().eval()
     loaded = kronify.load(base, path)
     assert loaded is base and loaded.fc_again is loaded.fc and type(loaded.out) is nn.Linear
@@ -159,6 +164,9 @@ def test_load_errors_name_keys_and_leave_base_unchanged(tmp_path):
     save_file({"a": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="not a kronify.save file"):
         kronify.load(Model(), tmp_path / "plain.safetensors")
+    with pytest.raises(FileExistsError, match="plain.safetensors' exists and is not a kronify save"):
+        kronify.save(model, tmp_path / "plain.safetensors")  # nothing is overwritten
+    assert load_file(str(tmp_path / "plain.safetensors")).keys() == {"a"}
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         kronify.load(Model(), tmp_path / "junk.safetensors")
@@ -184,3 +192,20 @@ def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
         kronify.save(converted(seed=1), path)
     assert path.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temporary file left behind
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_a_format_2_file_of_kronify_0_1_still_loads():
+    """tests/data/format2.safetensors was written by kronify 0.1 (format 2: torch's parametrize names in the
+    file) from `converted(overrides=...)` below; format2_expected.safetensors holds its input and output."""
+    from safetensors.torch import load_file
+
+    record, tensors = kronify.io.read_record(DATA / "format2.safetensors")
+    assert record["format"] == 2 and "conv.parametrizations.weight.original0" in tensors
+    expected = load_file(str(DATA / "format2_expected.safetensors"))
+    loaded = kronify.load(Model().eval(), DATA / "format2.safetensors")
+    assert loaded.conv.parametrizations.weight[0].config() == {"n": 4, "terms": 16, "algebra": "learned"}
+    with torch.no_grad():
+        assert torch.equal(loaded(expected["x"]), expected["y"])
