@@ -13,7 +13,8 @@ Measured per shape:
   formula W = Σ_i A_i ⊗ F_i (broadcast outer product of every term, then a sum over terms), and its two
   implementations on their own (the composite and the autograd.Function; `kron_weight` takes the Function
   from 2²⁰ weight entries on).
-Targets (issue 2): median train-step ratio ≤ 1.05 over the shapes, none above 1.3; merged inference ≤ 1.02.
+Targets (issue 19, no per-call hooks): median train-step ratio ≤ 1.03 over the shapes, none above 1.15;
+merged inference 1.00 (≤ 1.02: what an A/A comparison reads on a shared machine). Issue 2 had 1.05 / 1.3.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from kronify.kron import _kron_weight_composite, _KronWeight
 CLOCK = time.perf_counter  # wall clock; --cpu-time switches to the calling thread's CPU time
 SHAPE_BUDGET_S = 8.0  # rough time for one shape's interleaved train-step timings
 MIN_REPEATS = 7
-TARGETS = {"median_train_ratio": 1.05, "max_train_ratio": 1.3, "merged_inference_ratio": 1.02}
+TARGETS = {"median_train_ratio": 1.03, "max_train_ratio": 1.15, "merged_inference_ratio": 1.02}
 
 
 def naive_kron_weight(A: Tensor, F: Tensor) -> Tensor:
