@@ -61,8 +61,7 @@ def parametrize_weight(target: Target, settings: dict, warm_start: bool) -> Kron
     t = target.owner._parameters[target.tensor]
     p = KronParametrization(target.shape, settings["n"], settings["terms"], settings["algebra"], target.chunks)
     p.to(device=t.device, dtype=t.dtype)
-    w = t.detach().double()
-    std = 0.0 if w.is_meta else float(w.std()) if w.numel() > 1 else float(w.abs().sum())
+    std = 0.0 if t.is_meta or warm_start else _std(t)
     p.param_order = list(target.owner._parameters)
     parametrize.register_parametrization(target.owner, target.tensor, p, unsafe=True)
     link_weight(target.owner, target.tensor)
@@ -152,7 +151,7 @@ def _fit(target: Target, settings: dict, w: Tensor, warm_start: bool) -> _Fit:
     chunk, or empty factors and w's std for a cold start, or empty factors for a meta w): changes nothing."""
     p = KronParametrization(target.shape, settings["n"], settings["terms"], settings["algebra"], target.chunks)
     p.to(device=w.device, dtype=w.dtype)
-    if not warm_start or w.is_meta:  # a model on the meta device without a checkpoint: shapes only
+    if not warm_start or w.is_meta:  # cold start, or a meta weight (no checkpoint): shapes only
         F = torch.empty(p.chunks * p.terms * target.shape[0] // (p.chunks * p.n), target.shape[1] // p.n,
                         *target.shape[2:], dtype=w.dtype, device=w.device)
         A = [torch.empty(p.chunks * p.terms, p.n, p.n, dtype=w.dtype, device=w.device)] if p.learned else []
