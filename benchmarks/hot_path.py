@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import kronify
-import kronify.parametrization as kp
+import kronify.linked_weight as lw
 from benchmarks._common import RESULTS, interleaved, machine, write_results
 
 _depth = 0
@@ -61,9 +61,9 @@ def _assign(self, name, value):
 def _hooks_getter(fget, name):
     def get(self):
         W = fget(self)
-        if _depth or type(W) is not torch.Tensor or kp._tracing():
+        if _depth or type(W) is not torch.Tensor or lw._tracing():
             return W
-        return kp.LinkedWeight.link(W, self, name, fresh=W.grad_fn is not None and not parametrize._cache_enabled)
+        return lw.LinkedWeight.link(W, self, name, fresh=W.grad_fn is not None and not parametrize._cache_enabled)
 
     return get
 

@@ -26,8 +26,8 @@ from kronify.calibration import CalibrationLayer, calibrate, collect, first_call
 from kronify.config import CalibrationConfig, KronConfig
 from kronify.kron import kronecker_fit, kronecker_projection
 from kronify.layer_kinds import kind_of
-from kronify.parametrization import (KronParametrization, build_once_per_call, is_kron, link_weight,
-                                     share_parametrization, unlink)
+from kronify.linked_weight import build_once_per_call, link_weight, unlink
+from kronify.parametrization import KronParametrization, is_kron, share_parametrization
 from kronify.plan import Plan, Target
 from kronify.report import own_param_count
 

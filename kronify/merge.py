@@ -15,7 +15,8 @@ import copy
 from torch import nn
 from torch.nn.utils import parametrize
 
-from kronify.parametrization import is_kron, kron_parametrizations, plain_reads, unlink
+from kronify.linked_weight import plain_reads, unlink
+from kronify.parametrization import is_kron, kron_parametrizations
 
 __all__ = ["merge"]
 

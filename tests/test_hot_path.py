@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 import kronify
 from kronify import is_kron, nearest_kronecker
-from kronify.parametrization import KronAssignmentError, LinkedWeight, plain_reads
+from kronify.linked_weight import KronAssignmentError, LinkedWeight, plain_reads
 
 LAYERS = {
     "linear": (lambda: nn.Linear(8, 6), (3, 8)),
