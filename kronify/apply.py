@@ -50,7 +50,7 @@ class Undo:
             with torch.no_grad():
                 t.set_(data)  # a single-factor right_inverse set_()s the Parameter itself
             owner.__class__, owner._parameters, owner._modules = cls, params, modules
-            if not is_kron(owner):
+            if not is_kron(owner):  # weights its forwards built (a calibration ran them) would outlive the undo
                 unlink(owner)
         self._saved.clear()
 

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves
 
 import kronify
 from kronify import is_kron, nearest_kronecker
-from kronify.linked_weight import KronAssignmentError, LinkedWeight, plain_reads
+from kronify.linked_weight import _ONCE_CACHE, KronAssignmentError, LinkedWeight, plain_reads
 
 LAYERS = {
     "linear": (lambda: nn.Linear(8, 6), (3, 8)),
@@ -314,3 +314,28 @@ def test_attention_build_once_never_reuses_a_freed_graph():
     torch.testing.assert_close(y, ref.transpose(0, 1))
     y.sum().backward()
     copy.deepcopy(mha)  # the per-call build cache is not part of the module: deepcopy works after a forward
+
+
+def test_an_undone_conversion_keeps_no_attention_weight_built_by_its_forwards(monkeypatch):
+    """A calibrated conversion whose fit fails after forwards ran is undone (kronify.apply.Undo): the weights
+    nn.MultiheadAttention built once per call then are dropped with it, not kept as long as the model lives."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0]
+
+    def calibrate(model, *args):
+        with torch.no_grad():
+            model(x)
+        raise RuntimeError("fit failed")
+
+    model, x = Attention(), torch.randn(2, 5, 8)
+    monkeypatch.setattr("kronify.apply.calibrate", calibrate)
+    with pytest.raises(RuntimeError, match="fit failed"):
+        kronify.convert(model, n=2, warm_start=True, calibration=[x])
+    assert type(model.mha) is nn.MultiheadAttention and not is_kron(model.mha.out_proj)
+    assert not set(model.modules()) & set(_ONCE_CACHE.keys())
