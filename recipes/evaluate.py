@@ -5,7 +5,8 @@
     python recipes/evaluate.py --run RUN --protocol paper                   # score a fastmri run the paper's way
 
 RUN is a folder a recipe wrote (metrics.json, checkpoints/last.ckpt). The model is rebuilt from its metrics.json
-(family, preset, Kronecker n and algebra) and scored with the run's crop, slices, acceleration and masks under
+(family, preset, Kronecker n and algebra; a run of recipes/compress.py from its kron/ save) and scored with the
+run's crop, slices, acceleration and masks under
 --protocol (default: the run's own; kronify.mri.protocol). Writes
 metrics.json (the run's keys, the scores, a zero_filled block), per_volume.csv, per_slice.csv, reconstruction.png
 and examples.npz to --out (default RUN/eval-test, or RUN/eval-<folder name> with --data-path); with
@@ -27,7 +28,7 @@ from kronify.mri.experiments.evaluate import RECONSTRUCTIONS, evaluate_run
 from kronify.mri.experiments.presets import get_preset
 from kronify.mri.protocol import PROTOCOLS
 from kronify.mri.experiments.run_folder import RunRecord
-from zoo.build import build_model
+from zoo.build import rebuild_run_model
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -71,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             preset = get_preset(info["preset"])
         except ValueError as err:
             raise RunError(f"{run.path / 'metrics.json'}: {err}") from err
-        model = build_model(info["family"], preset, int(info["kron_n"]), info.get("algebra") or "learned")
+        model = rebuild_run_model(run, preset)
         if args.out is None:
             tag = "test" if args.data_path is None else Path(args.data_path).expanduser().resolve().name
             out = run.path / (f"eval-{tag}" + (f"-{args.protocol}" if args.protocol else ""))

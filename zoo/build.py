@@ -13,14 +13,16 @@ from typing import Any
 from torch import nn
 
 import kronify
+from kronify.mri.experiments.compress import CompressSettings, ZooModels, load_compressed
 from kronify.mri.experiments.presets import Preset
 from kronify.mri.experiments.run import RunSpec
+from kronify.mri.experiments.run_folder import RunRecord
 from kronify.mri.experiments.setup import check_variant
 from kronify.mri.training.wrappers import ZeroFilledStart
 from zoo.counting import count_flops, count_params
-from zoo.registry import create, create_kron
+from zoo.registry import create, create_kron, kron_settings, variant_name
 
-__all__ = ["build_model", "build_run_model", "model_cost"]
+__all__ = ["build_model", "build_run_model", "compress_models", "model_cost", "rebuild_run_model"]
 
 
 def build_model(family: str, preset: Preset, kron_n: int, algebra: str) -> nn.Module:
@@ -48,3 +50,28 @@ def build_run_model(spec: RunSpec, preset: Preset) -> tuple[nn.Module, dict[str,
     model = build_model(spec.family, preset, spec.kron_n, spec.algebra)
     params, gflops = model_cost(model, preset.crop)
     return model, {"params": params, "gflops": gflops, "gflops_size": preset.crop}
+
+
+def compress_models() -> ZooModels:
+    """The zoo's side of :func:`kronify.mri.experiments.compress.compress_run`: dense models, their Kronecker
+    settings, their cost, and the name of a compressed run (``kron_<dense>_compressed[_budget<b>]``)."""
+    def name(family: str, preset: Preset, settings: CompressSettings) -> str:
+        base = variant_name(preset.model(family).zoo_name, settings.kron_n)
+        return f"{base}_compressed" + (f"_budget{settings.budget:g}" if settings.budget is not None else "")
+
+    def cost(model: nn.Module, preset: Preset) -> dict[str, Any]:
+        params, gflops = model_cost(model, preset.crop)
+        return {"params": params, "gflops": gflops, "gflops_size": preset.crop}
+
+    return ZooModels(dense=lambda family, preset: build_model(family, preset, 0, "learned"),
+                     kron_settings=lambda family, preset: kron_settings(preset.model(family).zoo_name),
+                     cost=cost, name=name)
+
+
+def rebuild_run_model(run: RunRecord, preset: Preset) -> nn.Module:
+    """The model of a finished run, ready for its EMA weights: built from its metrics.json, or for a compressed
+    run (``recipes/compress.py``), the dense model converted as its ``kron/`` save records."""
+    info = run.info
+    if info.get("kron_save"):
+        return load_compressed(run, build_model(info["family"], preset, 0, "learned"))
+    return build_model(info["family"], preset, int(info["kron_n"]), info.get("algebra") or "learned")

@@ -34,7 +34,8 @@ from kronify.mri.experiments.setup import Data, MaskSettings, is_global_zero
 from kronify.mri.losses import CompositeLoss
 from kronify.mri.metrics import MetricsAccumulator
 from kronify.mri.protocol import get_protocol
-from kronify.mri.training.checkpoint import last_checkpoint
+from kronify.mri.training.checkpoint import LAST, last_checkpoint
+from kronify.mri.training.distill import DistillReconModule, DistillWeights
 from kronify.mri.training.data_module import ReconDataModule
 from kronify.mri.training.module import ReconModule
 from kronify.mri.training.trainer import make_trainer
@@ -96,6 +97,8 @@ def train_and_test(
     hardware: Hardware = Hardware(),
     zero_filled: MetricsAccumulator | None = None,
     info: Mapping[str, Any] | None = None,
+    teacher: nn.Module | None = None,
+    distill: DistillWeights | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``datasets["train"]`` (validating on ``"val"``), test its EMA weights on ``"test"`` and
     write the run into ``out_dir``; returns the metrics.json content ({} on a non-zero DDP rank).
@@ -105,19 +108,25 @@ def train_and_test(
     folder that already holds a run is refused, so no run is overwritten. ``zero_filled`` (the test split's
     zero-filled metrics, computed when omitted) is reported beside the model's; ``info`` adds keys to
     metrics.json. Seeds the model's data order, masks and augmentation from ``seed``; the caller seeds the
-    model's initialisation (``pytorch_lightning.seed_everything``) before building it.
+    model's initialisation (``pytorch_lightning.seed_everything``) before building it. With a ``teacher`` the
+    model is trained to follow it (:class:`~kronify.mri.training.distill.DistillReconModule`, loss weights
+    ``distill``); ``max_steps`` 0 tests the model as it is (its checkpoint is written all the same).
     """
     out_dir = Path(out_dir)
     spec = preset.model(family) if family is not None else None
-    max_steps = max_steps or (preset.steps_for(family) if family is not None else preset.max_steps)
+    if max_steps is None:
+        max_steps = preset.steps_for(family) if family is not None else preset.max_steps
     resume_from = last_checkpoint(out_dir / "checkpoints")
     if resume_from is not None and not resume:
         raise RunFolderError(f"{out_dir} already holds a run ({resume_from}); pass --resume to continue it "
                              "or choose another --out")
     protocol = get_protocol(preset.protocol)
-    module = ReconModule(model, CompositeLoss(preset.alpha, preset.beta, preset.gamma), lr=preset.lr,
-                         milestones=preset.milestones(max_steps), ema_decay=preset.ema_decay, protocol=protocol.name,
-                         schedule=preset.schedule, warmup=preset.warmup_steps(max_steps))
+    planned = max(1, max_steps)  # the schedule and Trainer of a 0-step run (test only) are never stepped
+    settings = dict(lr=preset.lr, milestones=preset.milestones(planned), ema_decay=preset.ema_decay,
+                    protocol=protocol.name, schedule=preset.schedule, warmup=preset.warmup_steps(planned))
+    loss = CompositeLoss(preset.alpha, preset.beta, preset.gamma)
+    module = ReconModule(model, loss, **settings) if teacher is None else \
+        DistillReconModule(model, teacher, distill or DistillWeights(), loss=loss, **settings)
     train = datasets["train"]
     patch = spec.train_patch if spec is not None else None  # evaluation stays on whole slices
     if patch is not None:
@@ -128,12 +137,15 @@ def train_and_test(
     datamodule = ReconDataModule(train, datasets["val"], datasets["test"], batch_size=preset.batch_size, seed=seed,
                                  num_workers=preset.num_workers, eval_batch_size=preset.eval_batch_size,
                                  phase_augment=preset.phase_augment, augment=preset.augment)
-    trainer = make_trainer(out_dir, max_steps=max_steps, val_every=preset.val_every, ckpt_every=preset.ckpt_every,
+    trainer = make_trainer(out_dir, max_steps=planned, val_every=preset.val_every, ckpt_every=preset.ckpt_every,
                            accelerator=hardware.accelerator, devices=hardware.devices,
                            num_nodes=hardware.num_nodes, strategy=hardware.strategy, precision=preset.precision,
                            grad_clip=hardware.grad_clip, progress_bar=hardware.progress_bar)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume and resume_from else None)
+    if max_steps > 0:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume and resume_from else None)
     trainer.test(module, datamodule=datamodule, verbose=False)
+    if max_steps == 0:
+        trainer.save_checkpoint(out_dir / "checkpoints" / LAST)  # the EMA weights, for recipes/evaluate.py
     if not trainer.is_global_zero:
         return {}
     test = datasets["test"]

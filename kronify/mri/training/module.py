@@ -109,7 +109,8 @@ class ReconModule(pl.LightningModule):
             raise ValueError(f"seed must be >= 0, got {seed}")
         if schedule not in SCHEDULES or warmup < 0:
             raise ValueError(f"schedule must be one of {SCHEDULES} with warmup >= 0, got {schedule!r}, {warmup}")
-        self.save_hyperparameters(ignore=["model", "loss", "lpips"])
+        # (a subclass's extra arguments, e.g. DistillReconModule's teacher, are collected too: kept out as well)
+        self.save_hyperparameters(ignore=["model", "loss", "lpips", "teacher", "weights"])
         self.model = model
         self.loss_fn = loss if loss is not None else CompositeLoss(gamma=0.0)
         self.ema = EMA(model, ema_decay, ema_warmup)
