@@ -81,13 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, variants: bool = True) -> 
     train.add_argument("--ckpt-every", type=int, default=None, help="write checkpoints/last.ckpt every N steps")
     train.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and masks")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
-    hw = parser.add_argument_group("hardware")
-    hw.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
-    hw.add_argument("--devices", default="1", help="devices per node (an int, or 'auto')")
-    hw.add_argument("--num-nodes", type=int, default=1, help="number of nodes (DDP)")
-    hw.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp, ddp_spawn")
-    hw.add_argument("--precision", choices=PRECISIONS, default=None,
-                    help="auto = bf16/16-mixed on GPUs, 32-true on CPU (preset default)")
+    hw = add_hardware_arguments(parser)
     hw.add_argument("--jobs", type=int, default=None, metavar="N",
                     help="train N runs at a time, each in its own process with its share of the torch threads "
                          "(default: the preset's, 2 for demo, capped at the torch threads; 1 with DDP)")
@@ -95,6 +89,25 @@ def add_arguments(parser: argparse.ArgumentParser, *, variants: bool = True) -> 
                         "or model, the preset, the protocol when it is not the preset's, and, for single-model "
                         "recipes, the acceleration)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_hardware_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The hardware flags (accelerator, devices, nodes, strategy, precision): Lightning's Trainer settings."""
+    hw = parser.add_argument_group("hardware")
+    hw.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
+    hw.add_argument("--devices", default="1", help="devices per node (an int, or 'auto')")
+    hw.add_argument("--num-nodes", type=int, default=1, help="number of nodes (DDP)")
+    hw.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp, ddp_spawn")
+    hw.add_argument("--precision", choices=PRECISIONS, default=None,
+                    help="auto = bf16/16-mixed on GPUs, 32-true on CPU (preset default)")
+    return hw
+
+
+def hardware_of(args: argparse.Namespace) -> Hardware:
+    """The run's :class:`Hardware` from the hardware flags, ``--grad-clip`` and ``--no-progress``."""
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    return Hardware(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes, strategy=args.strategy,
+                    grad_clip=args.grad_clip, progress_bar=not args.no_progress)
 
 
 def resolve_preset(args: argparse.Namespace) -> Preset:
@@ -153,12 +166,9 @@ def data_of(args: argparse.Namespace, preset: Preset, split_file: Path, accelera
 def spec_of(args: argparse.Namespace, preset: Preset, family: str, kron_n: int, algebra: str, acceleration: int,
             out_dir: Path) -> RunSpec:
     """The RunSpec of one variant from the command line (its seed ``--seed``; a study sets each seed's)."""
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    hardware = Hardware(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes,
-                        strategy=args.strategy, grad_clip=args.grad_clip, progress_bar=not args.no_progress)
     return RunSpec(family, kron_n, algebra, variant_name(preset.model(family).zoo_name, kron_n, algebra),
                    acceleration, masks_of(args, preset), Path(out_dir), seed=args.seed, max_steps=args.max_steps,
-                   resume=args.resume, hardware=hardware)
+                   resume=args.resume, hardware=hardware_of(args))
 
 
 def run_recipe(family: str, argv: Sequence[str] | None = None, description: str = "") -> int:

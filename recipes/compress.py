@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from kronify.mri.errors import DataError, RecipeError, RunError
 from kronify.mri.experiments.compress import DEFAULT_FRACTION, TARGETS, CompressSettings, compress_run
 from kronify.mri.experiments.presets import PRESETS
-from kronify.mri.experiments.run import Hardware
 from kronify.mri.protocol import PROTOCOLS
+from _common import add_hardware_arguments, hardware_of
 from zoo.build import compress_models
 
 DEFAULTS = CompressSettings()
@@ -55,12 +55,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
                         help="check the run was trained under this protocol (default: the run's own)")
     parser.add_argument("--cache-dir", default=None, help="demo data cache (default $KRONIFY_CACHE or ~/.cache/kronify)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
-    hw = parser.add_argument_group("hardware")
-    hw.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
-    hw.add_argument("--devices", default="1", help="devices per node (an int, or 'auto')")
-    hw.add_argument("--num-nodes", type=int, default=1, help="number of nodes (DDP)")
-    hw.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp")
-    hw.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value")
+    add_hardware_arguments(parser)
+    parser.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm to this value")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser, parser.parse_args(argv)
 
@@ -70,13 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = CompressSettings(kron_n=args.kron_n, budget=args.budget, warm_start=args.warm_start,
                                 calibration_batches=args.calibration_batches, steps=args.steps, target=args.target,
                                 features=args.features, lr=args.lr)
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    hardware = Hardware(accelerator=args.accelerator, devices=devices, num_nodes=args.num_nodes,
-                        strategy=args.strategy, grad_clip=args.grad_clip, progress_bar=not args.no_progress)
     try:
-        result = compress_run(args.run, args.out, settings, compress_models(), seed=args.seed, hardware=hardware,
-                              resume=args.resume, preset_name=args.preset, protocol=args.protocol,
-                              cache=args.cache_dir)
+        result = compress_run(args.run, args.out, settings, compress_models(), seed=args.seed,
+                              hardware=hardware_of(args), resume=args.resume, preset_name=args.preset,
+                              protocol=args.protocol, precision=args.precision, cache=args.cache_dir)
     except (RecipeError, RunError, DataError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     if result:

@@ -8,7 +8,9 @@ SwinMR, Kronecker SwinMR, MoDL and Kronecker MoDL, trained and tested on the sam
     python recipes/table1.py --preset demo --models unet,swinmr,modl --seeds 3   # the seeds study
 
 A preset may run fewer rows by default (``Preset.table_rows``: the demo leaves out the DDPM U-Net and the
-complex-algebra row, which do not fit its time budget; ``--models unet_ddpm`` runs them). Rows are independent
+complex-algebra row, which do not fit its time budget; ``--models unet_ddpm`` runs them). The compressed rows
+(kronify.mri.paper.COMPRESSED_ROWS: the trained dense U-Net and MoDL compressed by recipes/compress.py's defaults)
+run after their dense rows have trained. Rows are independent
 runs: ``--jobs N`` (the demo's default: 2) trains N at a time, each in its own process (kronify.mri.experiments.jobs).
 
 ``--protocol paper|fastmri`` (default: the preset's) is named in every table, row, figure title and JSON file.
@@ -32,14 +34,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from _common import add_arguments, data_of, default_out, resolve_jobs, resolve_preset, spec_of
 from kronify.mri.errors import RecipeError
 from kronify.mri.experiments.evaluate import zero_filled_metrics
 from kronify.mri.experiments.study import seed_list, seed_runs, train_pending
-from kronify.mri.experiments.table1 import ROWS, Table1, select_rows, write_table
-from zoo.build import build_run_model
+from kronify.mri.experiments.compress import CompressSettings, compress_pending
+from kronify.mri.experiments.table1 import COMPRESSED, ROWS, Table1, select_rows, write_table
+from zoo.build import build_run_model, compress_models
 
 __all__ = ["ROWS", "main", "select_rows"]
 
@@ -75,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else default_out("table1", preset)
         accelerations = args.accelerations or list(preset.accelerations)
         table = Table1(preset, rows, seeds, out)
+        models = compress_models()
         phases: dict[str, float] = {}  # where the wall time went (table1.md's "Wall time" line)
         reconciliation = reconciliation_note(preset)  # before training: a failure here costs no training time
         tick = _lap(phases, "Table 1 counts of the official configurations", start)
@@ -83,12 +88,19 @@ def main(argv: list[str] | None = None) -> int:
             zero_filled = zero_filled_metrics(data.datasets["test"], preset.eval_batch_size)
             specs = {label: spec_of(args, preset, family, kron_n, algebra, acc, out / "runs" / f"{acc}x")
                      for label, family, kron_n, algebra in rows[1:]}
+            specs = {label: replace(spec, name=models.name(spec.family, preset, CompressSettings()))
+                     if label in COMPRESSED else spec for label, spec in specs.items()}
             specs = {label: spec.at(spec.out_dir / spec.name) for label, spec in specs.items()}
             tick = _lap(phases, "data and zero-filled scores", tick)
-            runs = [(run, data) for spec in specs.values() for run in seed_runs(spec, seeds)]
+            runs = [(run, data) for label, spec in specs.items() if label not in COMPRESSED
+                    for run in seed_runs(spec, seeds)]
             if not train_pending(runs, preset, build_run_model, jobs, zero_filled=zero_filled):
                 continue  # a non-zero rank in DDP: rank 0 writes the table
             tick = _lap(phases, f"training and testing the runs ({jobs} at a time)", tick)
+            pairs = [(specs[COMPRESSED[label]], spec) for label, spec in specs.items() if label in COMPRESSED]
+            if pairs:
+                compress_pending(pairs, seeds, models, jobs, cache=args.cache_dir)
+                tick = _lap(phases, f"compressing the trained dense runs ({jobs} at a time)", tick)
             table.add_acceleration(acc, data, specs, zero_filled)
         if not table.lines:
             return 0

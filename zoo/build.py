@@ -54,18 +54,27 @@ def build_run_model(spec: RunSpec, preset: Preset) -> tuple[nn.Module, dict[str,
 
 def compress_models() -> ZooModels:
     """The zoo's side of :func:`kronify.mri.experiments.compress.compress_run`: dense models, their Kronecker
-    settings, their cost, and the name of a compressed run (``kron_<dense>_compressed[_budget<b>]``)."""
-    def name(family: str, preset: Preset, settings: CompressSettings) -> str:
-        base = variant_name(preset.model(family).zoo_name, settings.kron_n)
-        return f"{base}_compressed" + (f"_budget{settings.budget:g}" if settings.budget is not None else "")
+    settings, their cost, and the name of a compressed run (``kron_<dense>_compressed[_budget<b>]``); plain
+    functions, so that worker processes can receive them."""
+    return ZooModels(dense=_dense_model, kron_settings=_kron_settings, cost=_cost, name=_compressed_name)
 
-    def cost(model: nn.Module, preset: Preset) -> dict[str, Any]:
-        params, gflops = model_cost(model, preset.crop)
-        return {"params": params, "gflops": gflops, "gflops_size": preset.crop}
 
-    return ZooModels(dense=lambda family, preset: build_model(family, preset, 0, "learned"),
-                     kron_settings=lambda family, preset: kron_settings(preset.model(family).zoo_name),
-                     cost=cost, name=name)
+def _dense_model(family: str, preset: Preset) -> nn.Module:
+    return build_model(family, preset, 0, "learned")
+
+
+def _kron_settings(family: str, preset: Preset) -> dict[str, Any]:
+    return kron_settings(preset.model(family).zoo_name)
+
+
+def _cost(model: nn.Module, preset: Preset) -> dict[str, Any]:
+    params, gflops = model_cost(model, preset.crop)
+    return {"params": params, "gflops": gflops, "gflops_size": preset.crop}
+
+
+def _compressed_name(family: str, preset: Preset, settings: CompressSettings) -> str:
+    base = variant_name(preset.model(family).zoo_name, settings.kron_n)
+    return f"{base}_compressed" + (f"_budget{settings.budget:g}" if settings.budget is not None else "")
 
 
 def rebuild_run_model(run: RunRecord, preset: Preset) -> nn.Module:

@@ -94,10 +94,12 @@ def _cell(c: dict[str, Any]) -> str:
     return f"{v['mean_difference']:+.2f}{ci}, W p={v['wilcoxon_p']:.3g}, seeds p={p}"
 
 
-def run(table: Path, out: Path, seeds: list[int], mode: str, jobs: int, unseen: Path | None) -> dict[str, Any]:
+def run(table: Path, out: Path, seeds: list[int], mode: str, jobs: int, unseen: Path | None,
+        families: list[str] = list(FAMILIES)) -> dict[str, Any]:
     runs_root = table / "runs" / "4x"
     plan, rows = [], {}
-    for family, name in FAMILIES.items():
+    for family in families:
+        name = FAMILIES[family]
         dense = [seed_dir(runs_root / name, s) for s in seeds]
         scratch = [seed_dir(runs_root / f"kron_{name}", s) for s in seeds]
         steps = int(RunRecord.read(scratch[0]).info["steps"])
@@ -161,10 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None, help="default out/compress/mri-<mode>")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated, from " + ", ".join(FAMILIES))
     ap.add_argument("--unseen", type=Path, default=None, help="a demo-format folder of another anatomy")
     args = ap.parse_args(argv)
     out = args.out or Path(f"out/compress/mri-{args.mode}")
-    result = run(args.table, out, list(range(args.seeds)), args.mode, args.jobs, args.unseen)
+    result = run(args.table, out, list(range(args.seeds)), args.mode, args.jobs, args.unseen,
+                 args.families.split(","))
     write_results(out, json.loads(json.dumps(result, default=str)), markdown(result))
     return 0
 

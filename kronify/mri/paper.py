@@ -4,7 +4,7 @@
 U-Net / SwinMR / MoDL on fastMRI single-coil knee); official code Whethe/HyperKron-MRI-Recon.
 
 - :data:`TABLE1_ROWS`: the rows recipes/table1.py trains: (label, model family, Kronecker n (0: dense), algebra);
-  family None is zero-filling.
+  family None is zero-filling. :data:`COMPRESSED_ROWS`: rows of ours, a trained dense row compressed.
 - :data:`TABLE1`: the paper's published values per row label (parameters in M, FLOPs in G, SSIM, PSNR and LPIPS
   as mean and std). Its text does not state the acceleration (the official configurations run 8x); it has no dense
   U-Net, SwinMR, MoDL, Kronecker MoDL, fastMRI U-Net or complex-algebra rows. (Its LB U-Net SSIM repeats the
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["OFFICIAL_CONFIGS", "TABLE1", "TABLE1_ROWS", "OfficialConfig", "PaperRow"]
+__all__ = ["COMPRESSED_ROWS", "OFFICIAL_CONFIGS", "TABLE1", "TABLE1_ROWS", "OfficialConfig", "PaperRow"]
 
 #: The rows of recipes/table1.py: (label, family, Kronecker n (0: dense), algebra); family None is zero-filling.
 TABLE1_ROWS: tuple[tuple[str, str | None, int, str], ...] = (
@@ -34,6 +34,13 @@ TABLE1_ROWS: tuple[tuple[str, str | None, int, str], ...] = (
     ("Kronecker SwinMR", "swinmr", 2, "learned"),
     ("MoDL", "modl", 0, "learned"),
     ("Kronecker MoDL", "modl", 2, "learned"),
+)
+
+#: Rows that are not in the paper: a trained dense row compressed into its Kronecker model (recipes/compress.py,
+#: kronify.mri.experiments.compress), as (label, the dense row it is compressed from).
+COMPRESSED_ROWS: tuple[tuple[str, str], ...] = (
+    ("Kron U-Net (compressed from the trained U-Net)", "U-Net (fastMRI)"),
+    ("Kron MoDL (compressed from the trained MoDL)", "MoDL"),
 )
 
 

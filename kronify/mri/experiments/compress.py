@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,16 +30,18 @@ from torch.utils.data import DataLoader
 
 import kronify
 from kronify.mri.errors import RecipeError, RunError
+from kronify.mri.experiments.jobs import run_calls
 from kronify.mri.experiments.presets import Preset, get_preset
-from kronify.mri.experiments.run import Hardware, train_and_test
+from kronify.mri.experiments.run import Hardware, RunSpec, train_and_test
 from kronify.mri.experiments.run_folder import RunRecord
 from kronify.mri.experiments.setup import Data, MaskSettings, prepare_data
+from kronify.mri.experiments.study import seed_runs
 from kronify.mri.training.checkpoint import last_checkpoint
 from kronify.mri.training.distill import DistillWeights, converted_layers
 from kronify.mri.training.wrappers import ZeroFilledStart
 
-__all__ = ["KRON_SAVE", "TARGETS", "CompressSettings", "ZooModels", "compress_run", "load_compressed",
-           "split_file_of"]
+__all__ = ["KRON_SAVE", "TARGETS", "CompressSettings", "ZooModels", "compress_pending", "compress_run",
+           "load_compressed", "split_file_of"]
 
 #: The folder of a compressed run that holds its ``kronify.save``.
 KRON_SAVE = "kron"
@@ -186,11 +188,12 @@ def _student(teacher: nn.Module, family: str, preset: Preset, settings: Compress
 
 def compress_run(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, settings: CompressSettings,
                  models: ZooModels, *, seed: int = 0, hardware: Hardware = Hardware(), resume: bool = False,
-                 preset_name: str | None = None, protocol: str | None = None,
+                 preset_name: str | None = None, protocol: str | None = None, precision: str | None = None,
                  cache: str | os.PathLike | None = None) -> dict[str, Any]:
     """Compress the dense run in ``dense_dir`` into ``out_dir`` (see the module docstring); returns the new run's
     metrics.json content. Every check (the run is dense and finished, its preset and protocol are the ones asked
-    for, ``out_dir`` holds no run unless ``resume``) runs before anything is written."""
+    for, ``out_dir`` holds no run unless ``resume``) runs before anything is written. ``precision`` None: the
+    preset's."""
     settings.check()
     run = RunRecord.open(dense_dir)
     preset = _check_teacher(run, preset_name, protocol)
@@ -223,7 +226,7 @@ def compress_run(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, setti
             "mask_type": run.info.get("mask_type"), "center_fraction": run.info.get("center_fraction"),
             "fixed_mask": run.info.get("fixed_mask"), "kron_save": KRON_SAVE, "compression": compression}
     lr = settings.lr or preset.lr
-    schedule = replace(preset, lr=lr, schedule="cosine", warmup_frac=0.05)
+    schedule = replace(preset, lr=lr, schedule="cosine", warmup_frac=0.05, precision=precision or preset.precision)
     result = train_and_test(student, schedule, data.datasets, out, family=family, seed=seed, max_steps=steps,
                             resume=resume, hardware=hardware, info=info, teacher=teacher, distill=weights)
     if result:  # rank 0: the final EMA weights beside the conversion, for evaluation and reuse
@@ -243,3 +246,21 @@ def _fit_summary(report: Any) -> dict[str, Any]:
 def _mean(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return sum(known) / len(known) if known else None
+
+
+def compress_pending(pairs: Sequence[tuple[RunSpec, RunSpec]], seeds: Sequence[int], models: ZooModels,
+                     jobs: int = 1, settings: CompressSettings = CompressSettings(),
+                     cache: str | os.PathLike | None = None) -> None:
+    """For each (dense row, compressed row) and seed, compress the dense row's run of that seed into the compressed
+    row's folder (recipes/table1.py's compressed rows), ``jobs`` at a time; with ``resume`` (the compressed
+    spec's), finished runs are reused and unfinished ones continue."""
+    calls = []
+    for dense, compressed in pairs:
+        for teacher, spec in zip(seed_runs(dense, seeds), seed_runs(compressed, seeds)):
+            if spec.resume and RunRecord.is_finished(spec.out_dir):
+                print(f"{spec.name} {spec.acceleration}x seed {spec.seed}: reusing its finished run", flush=True)
+                continue
+            hardware = replace(spec.hardware, progress_bar=spec.hardware.progress_bar and jobs == 1)
+            calls.append(((teacher.out_dir, spec.out_dir, settings, models),
+                          {"seed": spec.seed, "hardware": hardware, "resume": spec.resume, "cache": cache}))
+    run_calls(compress_run, calls, jobs)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kronify.mri.data.augment import AugmentConfig
-from kronify.mri.paper import TABLE1_ROWS
+from kronify.mri.paper import COMPRESSED_ROWS, TABLE1_ROWS
 
 __all__ = ["DEMO_NOTES", "FAMILIES", "PRESETS", "ModelSpec", "Preset", "get_preset"]
 
@@ -86,7 +86,7 @@ class Preset:
     table_rows: tuple[str, ...] | None = None  # the rows recipes/table1.py runs by default (None: every row)
 
     def __post_init__(self) -> None:
-        labels = [row[0] for row in TABLE1_ROWS]
+        labels = [row[0] for row in TABLE1_ROWS] + [label for label, _ in COMPRESSED_ROWS]
         unknown = [label for label in self.table_rows or () if label not in labels]
         if unknown:
             raise ValueError(f"preset {self.name!r}: table_rows {unknown} are not rows of Table 1 ({labels})")
@@ -169,8 +169,9 @@ DEMO = Preset(
     augment=AugmentConfig.flips_only(),
     notes=DEMO_NOTES,
     jobs=2,
-    table_rows=("LB U-Net", "Efficient U-Net", "U-Net (fastMRI)", "Kronecker U-Net (fastMRI)", "SwinMR",
-                "Kronecker SwinMR", "MoDL", "Kronecker MoDL"),
+    table_rows=("LB U-Net", "Efficient U-Net", "U-Net (fastMRI)", "Kronecker U-Net (fastMRI)",
+                "Kron U-Net (compressed from the trained U-Net)", "SwinMR", "Kronecker SwinMR", "MoDL",
+                "Kronecker MoDL", "Kron MoDL (compressed from the trained MoDL)"),
 )
 
 TINY = Preset(

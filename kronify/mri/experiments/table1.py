@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from kronify.mri.errors import RecipeError
+from kronify.mri.experiments.compress import DEFAULT_FRACTION
 from kronify.mri.experiments.evaluate import example_indices, reconstruct_examples, zero_filled_metrics
 from kronify.mri.experiments.figures import comparison_figure, curves_figure
 from kronify.mri.experiments.jobs import machine_description, threads_per_job
@@ -44,19 +45,35 @@ from kronify.mri.experiments.tables import (
     plus_minus,
 )
 from kronify.mri.metrics import METRICS, TABLE_METRICS, MetricsAccumulator
-from kronify.mri.paper import TABLE1, TABLE1_ROWS
+from kronify.mri.paper import COMPRESSED_ROWS, TABLE1, TABLE1_ROWS
 from kronify.mri.protocol import get_protocol
 
-__all__ = ["COLUMNS", "Row", "Table1", "dense_row_of", "select_rows", "write_table"]
+__all__ = ["COLUMNS", "COMPRESSED", "Row", "Table1", "dense_row_of", "select_rows", "write_table"]
 
 #: (label, family, kron_n, algebra); family None is zero-filling.
 Row = tuple[str, "str | None", int, str]
-ROWS: list[Row] = list(TABLE1_ROWS)
+#: Compressed row label -> the dense row it is compressed from (kronify.mri.paper.COMPRESSED_ROWS).
+COMPRESSED: dict[str, str] = dict(COMPRESSED_ROWS)
+
+
+def _rows() -> list[Row]:
+    """Table 1's rows, each compressed row after the last row of its family."""
+    rows = list(TABLE1_ROWS)
+    family = {label: fam for label, fam, *_ in rows}
+    for label, dense in COMPRESSED_ROWS:
+        last = max(i for i, row in enumerate(rows) if row[1] == family[dense])
+        rows.insert(last + 1, (label, family[dense], 2, "learned"))
+    return rows
+
+
+ROWS: list[Row] = _rows()
 #: The paper's metric columns: (metric, decimals).
 PAPER_METRICS = (("ssim", 3), ("psnr", 2), ("lpips", 3))
 
 SHORT = {"Efficient U-Net": "Eff. U-Net", "U-Net (fastMRI)": "U-Net (fM)", "Kronecker U-Net (fastMRI)": "Kron U-Net (fM)",
-         "Kronecker U-Net (fastMRI, complex algebra)": "Kron U-Net (fM, cplx)"}
+         "Kronecker U-Net (fastMRI, complex algebra)": "Kron U-Net (fM, cplx)",
+         "Kron U-Net (compressed from the trained U-Net)": "Kron U-Net (compr.)",
+         "Kron MoDL (compressed from the trained MoDL)": "Kron MoDL (compr.)"}
 
 COLUMNS = ["Model", "Protocol", "Acc.", "Params (M)", "FLOPs (G)", *metric_columns(), "Train time", "Steps",
            "Paper Params (M)", "Paper FLOPs (G)", *(f"Paper {TABLE_METRICS[key][0]} (std)" for key, _ in PAPER_METRICS)]
@@ -65,26 +82,34 @@ COLUMNS = ["Model", "Protocol", "Acc.", "Params (M)", "FLOPs (G)", *metric_colum
 def select_rows(models: str | None, preset: Preset) -> list[tuple[str, str | None, int, str]]:
     """Zero-filling plus the preset's default rows (``Preset.table_rows``; every row when it names none),
     narrowed to the comma-separated model families in ``models``; a family the defaults leave out (e.g. the
-    demo's ``unet_ddpm``) brings every row of its own."""
+    demo's ``unet_ddpm``) brings every row of its own. A compressed row comes only with its dense row."""
     default = [row for row in ROWS[1:] if preset.table_rows is None or row[0] in preset.table_rows]
     if models is None:
-        return [ROWS[0], *default]
+        return _with_teachers([ROWS[0], *default])
     families = [f.strip() for f in models.split(",") if f.strip()]
     known = sorted({family for _, family, *_ in ROWS if family})
     unknown = [f for f in families if f not in known]
     if unknown or not families:
         raise RecipeError(f"--models takes model families separated by commas, from {known}; got {models!r}")
     in_default = {row[1] for row in default}
-    return [row for row in ROWS if row[1] is None or
-            (row[1] in families and (row in default or row[1] not in in_default))]
+    return _with_teachers([row for row in ROWS if row[1] is None or
+                           (row[1] in families and (row in default or row[1] not in in_default))])
+
+
+def _with_teachers(rows: list[Row]) -> list[Row]:
+    """``rows`` without the compressed rows whose dense row is not among them."""
+    labels = {row[0] for row in rows}
+    return [row for row in rows if row[0] not in COMPRESSED or COMPRESSED[row[0]] in labels]
 
 
 def dense_row_of(label: str, rows: list[tuple[str, str | None, int, str]]) -> str | None:
-    """The dense row a Kronecker row is compared with (same family, kron_n 0), if it is in ``rows``."""
+    """The dense row a Kronecker row is compared with (same family, kron_n 0; a compressed row's teacher), if it is
+    in ``rows``."""
     family, kron_n = next((f, n) for lab, f, n, _ in rows if lab == label)
     if not kron_n:
         return None
-    return next((lab for lab, f, n, _ in rows if f == family and n == 0), None)
+    dense = COMPRESSED.get(label) or next((lab for lab, f, n, _ in rows if f == family and n == 0), None)
+    return dense if dense in {lab for lab, *_ in rows} else None
 
 
 def _magnitude(x: np.ndarray) -> np.ndarray:
@@ -152,7 +177,8 @@ class Table1:
                           {f"{fam}: validation PSNR (dB)": h for fam, h in pairs.items()},
                           title=f"Validation PSNR (EMA weights) vs step at {acc}x, {protocol.name} protocol, "
                                 "dense vs Kronecker" + (f", seed {seeds[0]}" if len(seeds) > 1 else ""),
-                          styles={lab: ("--s" if "Kronecker" in lab else "-o") for h in pairs.values() for lab in h},
+                          styles={lab: (":^" if lab in COMPRESSED else "--s" if "Kron" in lab else "-o")
+                                  for h in pairs.values() for lab in h},
                           references={f"{fam}: validation PSNR (dB)": {"zero-filled": val_zf} for fam in pairs})
         self.notes.append(next((results[label].get("lpips_message") for label in labels[1:]), None))
 
@@ -295,6 +321,10 @@ def write_table(out: Path, preset: Preset, lines: list[list[str]], csv_rows: lis
         ", fastMRI's metric functions on magnitudes, data range from the scored target (see the protocol line); "
         "phase error = mean |wrapped phase difference| where |target| > 10% of the slice max.",
         unet_rows_note({row[0] for row in lines}),
+        *([f"- Compressed rows (not in the paper): seed s of the trained dense row compressed with "
+           f"`recipes/compress.py`'s defaults (calibrated warm start from its EMA weights, then distillation from it "
+           f"for {DEFAULT_FRACTION:.0%} of its steps); their steps and train time are the distillation's, and their "
+           "paired comparison is with that dense row."] if any(row[0] in COMPRESSED for row in lines) else []),
         "- Train time: wall time of training incl. validation. Every model is evaluated with its EMA weights."
         + (f" {jobs} runs trained at a time (`--jobs`), each in its own process with "
            f"{threads_per_job(jobs)} torch thread(s)." if jobs > 1 else ""),

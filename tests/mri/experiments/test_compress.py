@@ -25,6 +25,14 @@ REPO = Path(__file__).resolve().parents[3]
 RECIPES = REPO / "recipes"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def recipes_path():
+    """recipes/ importable (the recipes import _common), as when a recipe runs as a script."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(RECIPES))
+        yield
+
+
 def run_recipe(script: str, argv: list[str]) -> int:
     """``main(argv)`` of recipes/<script>.py (loaded by path)."""
     try:
@@ -34,15 +42,11 @@ def run_recipe(script: str, argv: list[str]) -> int:
 
 
 def train(family: str, root: Path, out: Path, *extra: str) -> Path:
-    import sys
+    """A tiny-preset run of ``family`` trained for 5 steps into ``out``."""
+    import _common
 
-    sys.path.insert(0, str(RECIPES))
-    try:
-        import _common
-        assert _common.run_recipe(family, ["--data-path", str(root), "--preset", "tiny", "--max-steps", "5",
-                                           "--out", str(out), "--no-progress", *extra]) == 0
-    finally:
-        sys.path.remove(str(RECIPES))
+    assert _common.run_recipe(family, ["--data-path", str(root), "--preset", "tiny", "--max-steps", "5",
+                                       "--out", str(out), "--no-progress", *extra]) == 0
     return out
 
 

@@ -109,14 +109,15 @@ def test_table1_tiny_writes_every_row(demo_root, tmp_path, protocol):
     with open(out / "table1.csv") as f:
         rows = list(csv.DictReader(f))
     labels = [label for label, *_ in table1.ROWS]
-    assert [r["Model"] for r in rows] == labels and len(labels) == 12
+    assert [r["Model"] for r in rows] == labels and len(labels) == 14  # the paper's 12 and 2 compressed rows
     assert all(r["Protocol"] == protocol for r in rows)
     assert f"# Table 1 (tiny preset, {protocol} protocol)" in md and f"- Protocol `{protocol}`" in md
     for label in labels:
         assert f"| {label} " in md
     # the paper's U-Net rows are the DDPM-style U-Net, fastMRI's U-Net has rows of its own
     runs = {r.name for r in (out / "runs" / "4x").iterdir()}
-    assert {"unet_ddpm_tiny", "kron_unet_ddpm_tiny", "unet_demo", "kron_unet_demo"} <= runs
+    assert {"unet_ddpm_tiny", "kron_unet_ddpm_tiny", "unet_demo", "kron_unet_demo", "kron_unet_demo_compressed",
+            "kron_modl_demo_compressed"} <= runs
     data = json.loads((out / "table1.json").read_text())
     assert data["protocol"] == protocol and [r["model"] for r in data["rows"]] == labels
     kron_unet = data["rows"][labels.index("Kronecker U-Net")]
@@ -132,7 +133,12 @@ def test_table1_tiny_writes_every_row(demo_root, tmp_path, protocol):
     assert bool(list(out.glob("mask_*.npy"))) == (protocol == "paper")  # the fixed mask is saved with the run
     zero = rows[0]
     assert zero["Params (M)"] == "-" and zero["Paper PSNR (std)"] == "22.75 (1.73)"
-    assert all(r["Params (M)"] != "-" and r["Steps"] == "2" for r in rows[1:])
+    # compressed rows distil for 20 % of their teacher's 2 steps (at least 1)
+    assert all(r["Params (M)"] != "-" and r["Steps"] == ("1" if r["Model"] in table1.COMPRESSED else "2")
+               for r in rows[1:])
+    compressed = data["rows"][labels.index("Kron U-Net (compressed from the trained U-Net)")]
+    assert compressed["dense_row"] == "U-Net (fastMRI)" and compressed["paired"] is not None
+    assert compressed["params"] == data["rows"][labels.index("Kronecker U-Net (fastMRI)")]["params"]
     assert next(r for r in rows if r["Model"] == "Kronecker U-Net")["Paper SSIM (std)"] == "0.762 (0.075)"
     assert "Command: `python recipes/table1.py --tiny" in md and "Machine:" in md
     assert "training and testing the runs (1 at a time)" in md  # the wall time's breakdown
@@ -269,7 +275,7 @@ def test_table1_trains_rows_side_by_side_with_the_same_results(demo_root, tmp_pa
             torch.set_num_threads(threads)
         rows = json.loads((out / "table1.json").read_text())["rows"]
         per_seed[jobs] = {r["model"]: r["seeds"]["per_seed"]["psnr"] for r in rows if r.get("seeds")}
-    assert set(per_seed["1"]) == {"MoDL", "Kronecker MoDL"}
+    assert set(per_seed["1"]) == {"MoDL", "Kronecker MoDL", "Kron MoDL (compressed from the trained MoDL)"}
     for model, (seed0, seed1) in per_seed["1"].items():
         if threads <= 3:  # workers of one thread, as in the --jobs 1 run
             assert per_seed["2"][model] == pytest.approx([seed0, seed1], abs=1e-9), model
@@ -282,13 +288,17 @@ def test_demo_table_rows_and_explicit_families():
 
     demo = [label for label, *_ in table1.select_rows(None, get_preset("demo"))]
     assert demo == ["Zero-filled", "LB U-Net", "Efficient U-Net", "U-Net (fastMRI)", "Kronecker U-Net (fastMRI)",
-                    "SwinMR", "Kronecker SwinMR", "MoDL", "Kronecker MoDL"]
+                    "Kron U-Net (compressed from the trained U-Net)", "SwinMR", "Kronecker SwinMR", "MoDL", "Kronecker MoDL",
+                    "Kron MoDL (compressed from the trained MoDL)"]
     assert len(table1.select_rows(None, get_preset("tiny"))) == len(table1.ROWS)
     ddpm = [label for label, *_ in table1.select_rows("unet_ddpm,modl", get_preset("demo"))]
-    assert ddpm == ["Zero-filled", "U-Net", "Kronecker U-Net", "MoDL", "Kronecker MoDL"]
+    assert ddpm == ["Zero-filled", "U-Net", "Kronecker U-Net", "MoDL", "Kronecker MoDL", "Kron MoDL (compressed from the trained MoDL)"]
     fastmri = [label for label, *_ in table1.select_rows("unet", get_preset("demo"))]
-    assert fastmri == ["Zero-filled", "U-Net (fastMRI)", "Kronecker U-Net (fastMRI)"]  # the preset's rows only
-    assert len(table1.select_rows("unet", get_preset("tiny"))) == 4  # tiny runs every row, complex algebra too
+    assert fastmri == ["Zero-filled", "U-Net (fastMRI)", "Kronecker U-Net (fastMRI)", "Kron U-Net (compressed from the trained U-Net)"]
+    assert len(table1.select_rows("unet", get_preset("tiny"))) == 5  # tiny runs every row, complex algebra too
+    # a compressed row comes only with the dense row it is compressed from
+    no_teacher = get_preset("demo", table_rows=("Kronecker MoDL", "Kron MoDL (compressed from the trained MoDL)"))
+    assert [label for label, *_ in table1.select_rows(None, no_teacher)] == ["Zero-filled", "Kronecker MoDL"]
     assert all(label in {lab for lab, *_ in table1.ROWS} for label in get_preset("demo").table_rows)
     with pytest.raises(ValueError, match=r"table_rows \['Kronecker LB U-Net'\] are not rows of Table 1"):
         get_preset("demo", table_rows=("MoDL", "Kronecker LB U-Net"))
