@@ -43,6 +43,8 @@ from kronify.mri.experiments.tables import (
     paired_csv_cells,
     paired_note,
     plus_minus,
+    protocol_note,
+    unet_rows_note,
 )
 from kronify.mri.metrics import METRICS, TABLE_METRICS, MetricsAccumulator
 from kronify.mri.paper import COMPRESSED_ROWS, TABLE1, TABLE1_ROWS
@@ -250,31 +252,6 @@ def json_row(label: str, protocol: str, acc: int, m: dict[str, Any], display: di
             **{k: {"mean": getattr(p, k)[0], "std": getattr(p, k)[1]} for k, _ in PAPER_METRICS}},
         "display": display,
     }
-
-
-def unet_rows_note(labels: set[str]) -> str:
-    """What the table's U-Net rows are (the paper's DDPM-style U-Net, fastMRI's, or both)."""
-    ddpm = "U-Net" in labels or "Kronecker U-Net" in labels
-    fastmri = any(label.startswith(("U-Net (fastMRI)", "Kronecker U-Net (fastMRI")) for label in labels)
-    parts = (["`U-Net`/`Kronecker U-Net` are the paper's DDPM-style U-Net (zoo `unet_ddpm`, Kronecker version as the "
-              "official PHUNet)"] if ddpm else []) + (["`U-Net (fastMRI)` rows are fastMRI's U-Net"] if fastmri else [])
-    if fastmri and not ddpm:
-        parts.append("the paper's DDPM-style U-Net rows run with `--models unet_ddpm`")
-    return "- U-Net rows: " + "; ".join(parts) + "." if parts else "- U-Net rows: none in this table."
-
-
-def protocol_note(protocol) -> str:
-    """One line naming the protocol and what it fixes."""
-    if protocol.name == "paper":
-        return ("- Protocol `paper` (the official HyperKron code): PD volumes; each slice's complex crop normalised by "
-                "its max magnitude; k-space = its FFT; ONE fixed RandomMaskFunc mask (seed 0) over the crop's columns "
-                "for training and testing (saved as mask_*.npy); SwinMR trained on 192x192 patches (paper preset); "
-                "SSIM/PSNR per slice with data range = that slice's target max, mean (std) over slices. The paper's "
-                "published numbers use this protocol.")
-    return ("- Protocol `fastmri` (fastMRI's transforms): PD volumes; masks over the raw k-space width, then the "
-            "centre crop of the inverse FFT; random masks in training, seeded per file for validation/test; "
-            "fastMRI volume SSIM/PSNR/NMSE with data range = the evaluated target volume's max, mean (std) over "
-            "volumes (phase error and LPIPS: per-volume means of slice values).")
 
 
 def write_table(out: Path, preset: Preset, lines: list[list[str]], csv_rows: list[dict], json_rows: list[dict],

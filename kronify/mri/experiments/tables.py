@@ -1,6 +1,6 @@
 """Formatting shared by the result tables (Table 1, data efficiency): cells, markdown tables, the metric columns
 (generated from :data:`kronify.mri.metrics.TABLE_METRICS`) and the Kronecker-minus-dense paired comparison's
-cells, markdown table and explanation.
+cells, markdown table and explanation; the protocol and U-Net notes under Table 1.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from kronify.mri.experiments.statistics import PairedComparison, SeedComparison,
 from kronify.mri.metrics import TABLE_METRICS
 
 __all__ = ["PAIRED_COLUMNS", "PAIRED_HEADER", "duration", "markdown_table", "mean_std", "metric_columns",
-           "paired_cells", "paired_csv_cells", "paired_note", "plus_minus", "interval"]
+           "paired_cells", "paired_csv_cells", "paired_note", "plus_minus", "interval", "protocol_note", "unet_rows_note"]
 
 
 def mean_std(mean: float | None, std: float | None, digits: int) -> str:
@@ -96,3 +96,28 @@ def paired_note(n_seeds: int, seed_level: bool) -> str:
             + (" The volume-paired test treats the seed-averaged models as fixed; 'Over seeds' asks whether the "
                "difference is larger than the seed-to-seed spread: Welch's t-test of the rows' per-seed test "
                "means (scipy.stats.ttest_ind), with few seeds a weak test." if seed_level else ""))
+
+
+def unet_rows_note(labels: set[str]) -> str:
+    """What the table's U-Net rows are (the paper's DDPM-style U-Net, fastMRI's, or both)."""
+    ddpm = "U-Net" in labels or "Kronecker U-Net" in labels
+    fastmri = any(label.startswith(("U-Net (fastMRI)", "Kronecker U-Net (fastMRI")) for label in labels)
+    parts = (["`U-Net`/`Kronecker U-Net` are the paper's DDPM-style U-Net (zoo `unet_ddpm`, Kronecker version as the "
+              "official PHUNet)"] if ddpm else []) + (["`U-Net (fastMRI)` rows are fastMRI's U-Net"] if fastmri else [])
+    if fastmri and not ddpm:
+        parts.append("the paper's DDPM-style U-Net rows run with `--models unet_ddpm`")
+    return "- U-Net rows: " + "; ".join(parts) + "." if parts else "- U-Net rows: none in this table."
+
+
+def protocol_note(protocol) -> str:
+    """One line naming the protocol and what it fixes."""
+    if protocol.name == "paper":
+        return ("- Protocol `paper` (the official HyperKron code): PD volumes; each slice's complex crop normalised by "
+                "its max magnitude; k-space = its FFT; ONE fixed RandomMaskFunc mask (seed 0) over the crop's columns "
+                "for training and testing (saved as mask_*.npy); SwinMR trained on 192x192 patches (paper preset); "
+                "SSIM/PSNR per slice with data range = that slice's target max, mean (std) over slices. The paper's "
+                "published numbers use this protocol.")
+    return ("- Protocol `fastmri` (fastMRI's transforms): PD volumes; masks over the raw k-space width, then the "
+            "centre crop of the inverse FFT; random masks in training, seeded per file for validation/test; "
+            "fastMRI volume SSIM/PSNR/NMSE with data range = the evaluated target volume's max, mean (std) over "
+            "volumes (phase error and LPIPS: per-volume means of slice values).")
