@@ -9,7 +9,7 @@ SwinMR, Kronecker SwinMR, MoDL and Kronecker MoDL, trained and tested on the sam
 
 A preset may run fewer rows by default (``Preset.table_rows``: the demo leaves out the DDPM U-Net and the
 complex-algebra row, which do not fit its time budget; ``--models unet_ddpm`` runs them). The compressed rows
-(kronify.mri.paper.COMPRESSED_ROWS: the trained dense U-Net and MoDL compressed by recipes/compress.py's defaults)
+(kronify.mri.paper.COMPRESSED_ROWS: the trained dense U-Net and MoDL compressed by recipes/compress.py --budget 0.5)
 run after their dense rows have trained. Rows are independent
 runs: ``--jobs N`` (the demo's default: 2) trains N at a time, each in its own process (kronify.mri.experiments.jobs).
 
@@ -41,8 +41,8 @@ from _common import add_arguments, data_of, default_out, resolve_jobs, resolve_p
 from kronify.mri.errors import RecipeError
 from kronify.mri.experiments.evaluate import zero_filled_metrics
 from kronify.mri.experiments.study import seed_list, seed_runs, train_pending
-from kronify.mri.experiments.compress import CompressSettings, compress_pending
-from kronify.mri.experiments.table1 import COMPRESSED, ROWS, Table1, select_rows, write_table
+from kronify.mri.experiments.compress import compress_pending
+from kronify.mri.experiments.table1 import COMPRESSED, COMPRESSED_SETTINGS, ROWS, Table1, select_rows, write_table
 from zoo.build import build_run_model, compress_models
 
 __all__ = ["ROWS", "main", "select_rows"]
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             zero_filled = zero_filled_metrics(data.datasets["test"], preset.eval_batch_size)
             specs = {label: spec_of(args, preset, family, kron_n, algebra, acc, out / "runs" / f"{acc}x")
                      for label, family, kron_n, algebra in rows[1:]}
-            specs = {label: replace(spec, name=models.name(spec.family, preset, CompressSettings()))
+            specs = {label: replace(spec, name=models.name(spec.family, preset, COMPRESSED_SETTINGS))
                      if label in COMPRESSED else spec for label, spec in specs.items()}
             specs = {label: spec.at(spec.out_dir / spec.name) for label, spec in specs.items()}
             tick = _lap(phases, "data and zero-filled scores", tick)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             tick = _lap(phases, f"training and testing the runs ({jobs} at a time)", tick)
             pairs = [(specs[COMPRESSED[label]], spec) for label, spec in specs.items() if label in COMPRESSED]
             if pairs:
-                compress_pending(pairs, seeds, models, jobs, cache=args.cache_dir)
+                compress_pending(pairs, seeds, models, jobs, COMPRESSED_SETTINGS, cache=args.cache_dir)
                 tick = _lap(phases, f"compressing the trained dense runs ({jobs} at a time)", tick)
             table.add_acceleration(acc, data, specs, zero_filled)
         if not table.lines:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kronify.mri.errors import RecipeError
-from kronify.mri.experiments.compress import DEFAULT_FRACTION
+from kronify.mri.experiments.compress import DEFAULT_FRACTION, CompressSettings
 from kronify.mri.experiments.evaluate import example_indices, reconstruct_examples, zero_filled_metrics
 from kronify.mri.experiments.figures import comparison_figure, curves_figure
 from kronify.mri.experiments.jobs import machine_description, threads_per_job
@@ -50,12 +50,15 @@ from kronify.mri.metrics import METRICS, TABLE_METRICS, MetricsAccumulator
 from kronify.mri.paper import COMPRESSED_ROWS, TABLE1, TABLE1_ROWS
 from kronify.mri.protocol import get_protocol
 
-__all__ = ["COLUMNS", "COMPRESSED", "Row", "Table1", "dense_row_of", "select_rows", "write_table"]
+__all__ = ["COLUMNS", "COMPRESSED", "COMPRESSED_SETTINGS", "Row", "Table1", "dense_row_of", "select_rows", "write_table"]
 
 #: (label, family, kron_n, algebra); family None is zero-filling.
 Row = tuple[str, "str | None", int, str]
 #: Compressed row label -> the dense row it is compressed from (kronify.mri.paper.COMPRESSED_ROWS).
 COMPRESSED: dict[str, str] = dict(COMPRESSED_ROWS)
+#: How the compressed rows are made: ½ of the parameters, terms where the calibrated error needs them, distilled
+#: for 20 % of the teacher's steps (measured: docs/results/compress_trained.md, "MRI").
+COMPRESSED_SETTINGS = CompressSettings(budget=0.5)
 
 
 def _rows() -> list[Row]:
@@ -298,9 +301,10 @@ def write_table(out: Path, preset: Preset, lines: list[list[str]], csv_rows: lis
         ", fastMRI's metric functions on magnitudes, data range from the scored target (see the protocol line); "
         "phase error = mean |wrapped phase difference| where |target| > 10% of the slice max.",
         unet_rows_note({row[0] for row in lines}),
-        *([f"- Compressed rows (not in the paper): seed s of the trained dense row compressed with "
-           f"`recipes/compress.py`'s defaults (calibrated warm start from its EMA weights, then distillation from it "
-           f"for {DEFAULT_FRACTION:.0%} of its steps); their steps and train time are the distillation's, and their "
+        *([f"- Compressed rows (not in the paper): seed s of the trained dense row compressed by `recipes/compress.py "
+           f"--budget {COMPRESSED_SETTINGS.budget}` (½ of the parameters, more Kronecker terms where the calibrated "
+           f"error needs them, calibrated warm start from its EMA weights, then distillation from it for "
+           f"{DEFAULT_FRACTION:.0%} of its steps); their steps and train time are the distillation's, and their "
            "paired comparison is with that dense row."] if any(row[0] in COMPRESSED for row in lines) else []),
         "- Train time: wall time of training incl. validation. Every model is evaluated with its EMA weights."
         + (f" {jobs} runs trained at a time (`--jobs`), each in its own process with "
