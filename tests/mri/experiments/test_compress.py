@@ -5,8 +5,6 @@ the tables, --budget, --resume, and every bad input refused with exit code 2 and
 from __future__ import annotations
 
 import json
-import runpy
-import shutil
 from pathlib import Path
 
 import pytest
@@ -21,24 +19,9 @@ from kronify.mri.losses import CompositeLoss
 from kronify.mri.training.distill import DistillReconModule, DistillWeights
 from zoo.build import build_model, rebuild_run_model
 
-REPO = Path(__file__).resolve().parents[3]
-RECIPES = REPO / "recipes"
+from test_evaluate import recipes_path, run_recipe  # noqa: F401 (recipes_path: a fixture)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def recipes_path():
-    """recipes/ importable (the recipes import _common), as when a recipe runs as a script."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(RECIPES))
-        yield
-
-
-def run_recipe(script: str, argv: list[str]) -> int:
-    """``main(argv)`` of recipes/<script>.py (loaded by path)."""
-    try:
-        return runpy.run_path(str(RECIPES / f"{script}.py"))["main"](argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
+pytestmark = pytest.mark.usefixtures("recipes_path")  # the recipes import _common, as when run as scripts
 
 
 def train(family: str, root: Path, out: Path, *extra: str) -> Path:
