@@ -33,6 +33,7 @@ from zoo.build import compress_models, rebuild_run_model
 
 FAMILIES = {"unet": "unet_demo", "modl": "modl_demo", "swinmr": "swinmr_demo"}
 STUDY_FRACTIONS = (0.05, 0.10, 0.20)
+UNSEEN_ROWS = ("calibrated + distilled 20%", "budget 0.5 + distilled 20%")  # also scored on --unseen
 
 
 def study_rows(scratch_steps: int) -> dict[str, CompressSettings]:
@@ -54,6 +55,11 @@ def choice_rows(scratch_steps: int) -> dict[str, CompressSettings]:
             "+ feature matching (weight 1)": replace(base, features=1.0),
             "lr 3e-4": replace(base, lr=3e-4),
             "weight-only warm start": replace(base, warm_start="weights")}
+
+
+def unseen_rows(compressed: dict[str, list[Path]]) -> list[Path]:
+    """The run folders of the compressed rows that are also scored on another anatomy."""
+    return [d for label in UNSEEN_ROWS for d in compressed.get(label, [])]
 
 
 def slug(label: str) -> str:
@@ -111,8 +117,8 @@ def run(table: Path, out: Path, seeds: list[int], mode: str, jobs: int, unseen: 
             plan += [((d, o, settings, s), {}) for d, o, s in zip(dense, dirs, seeds)]
     run_calls(_compress, plan, jobs)
     if unseen is not None:
-        picked = [d for fam in rows.values() for d in
-                  [*fam["dense"], *fam["scratch"], *fam["compressed"].get("calibrated + distilled 20%", [])]]
+        picked = [d for fam in rows.values()
+                  for d in [*fam["dense"], *fam["scratch"], *unseen_rows(fam["compressed"])]]
         run_calls(_unseen, [((d, unseen), {}) for d in picked], jobs)
     result: dict[str, Any] = {"mode": mode, "seeds": seeds, "machine": machine_description(), "families": {}}
     for family, fam in rows.items():
@@ -125,11 +131,10 @@ def run(table: Path, out: Path, seeds: list[int], mode: str, jobs: int, unseen: 
                                     "compression": row.first["compression"]}
         entry["scratch_vs_dense"] = _compare(scratch, dense)
         if unseen is not None:
+            kinds = {"dense": fam["dense"], "scratch": fam["scratch"],
+                     **{label: fam["compressed"].get(label, []) for label in UNSEEN_ROWS}}
             entry["unseen"] = {kind: [RunRecord.read(d / f"eval-{unseen.name}").mean("psnr") for d in dirs]
-                               for kind, dirs in (("dense", fam["dense"]), ("scratch", fam["scratch"]),
-                                                  ("distilled 20%", fam["compressed"].get(
-                                                      "calibrated + distilled 20%", [])))
-                               if dirs}
+                               for kind, dirs in kinds.items() if dirs}
         result["families"][family] = entry
     return result
 

@@ -175,7 +175,12 @@ def load_compressed(run: RunRecord, dense: nn.Module) -> nn.Module:
 
 def _student(teacher: nn.Module, family: str, preset: Preset, settings: CompressSettings, data: Data, seed: int,
              models: ZooModels) -> tuple[nn.Module, Any]:
-    """The teacher's Kronecker copy, warm-started; returns (student, conversion report)."""
+    """The teacher's Kronecker copy, warm-started; returns (student, conversion report).
+
+    A short-run wrapper (ZeroFilledStart) is not converted: its inner network is, because the family's Kronecker
+    settings name that network's layers. The report's config (saved in ``kron/``) is therefore relative to the
+    inner network, while the saved weights and the record of converted layers name the whole model; kronify.load
+    reads the record, so loading onto the whole dense model works (tests/mri/experiments/test_compress.py)."""
     student = copy.deepcopy(teacher)
     kwargs = {k: v for k, v in models.kron_settings(family, preset).items() if v is not None}
     kwargs["n"] = settings.kron_n
@@ -211,8 +216,8 @@ def compress_run(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, setti
     else:
         student, report = _student(teacher, family, preset, settings, data, seed, models)
         kronify.save(student, save, report.config)
-    target, reference = TARGETS[settings.target]
-    weights = DistillWeights(target, reference, settings.features,
+    teacher_weight, target_weight = TARGETS[settings.target]
+    weights = DistillWeights(teacher_weight, target_weight, settings.features,
                              tuple(converted_layers(student)) if settings.features > 0 else ())
     name = models.name(family, preset, settings)
     compression = {
