@@ -5,10 +5,11 @@
   copies of the model). Each layer is converted entirely or not at all; since memory for an undo of the whole model
   is what this saves, an unexpected failure half way (out of memory, an interrupt) raises
   `PartialConversionError` naming the converted and the remaining layers. Every check on the input runs before.
-- `apply_from`: the same from dense tensors read elsewhere (a checkpoint): every layer is fitted before the model
-  changes, so any failure leaves it untouched.
-- `apply_plans`: register the parametrizations with a full undo on any error (keeps every dense weight until it
-  returns; kronify.io loads factors with it); `apply_calibrated` fits the factors to the layers' inputs with it.
+- `apply_plans`: every layer fitted (from the model's weights or from tensors read elsewhere: a checkpoint) before
+  the model changes, then all parametrized, with a full undo on any error (it keeps every dense weight until it
+  returns); kronify.io loads factors with it and `apply_calibrated` fits the factors to the layers' inputs with it.
+
+Both make a layer's factors in one place (`_fit`, KronParametrization.fit) and install them in one (`_install`).
 """
 
 from __future__ import annotations
@@ -21,18 +22,15 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from kronify.algebra import algebra_matrices
 from kronify.calibration import CalibrationLayer, calibrate, collect, first_calls, read_batches
 from kronify.config import CalibrationConfig, KronConfig
-from kronify.kron import kronecker_fit, kronecker_projection
 from kronify.layer_kinds import kind_of
 from kronify.linked_weight import build_once_per_call, link_weight, unlink
 from kronify.parametrization import KronParametrization, is_kron, share_parametrization
 from kronify.plan import Plan, Target
 from kronify.report import own_param_count
 
-__all__ = ["PartialConversionError", "Undo", "apply_calibrated", "apply_from", "apply_in_place", "apply_plans",
-           "parametrize_weight"]
+__all__ = ["PartialConversionError", "Undo", "apply_calibrated", "apply_in_place", "apply_plans"]
 
 
 class Undo:
@@ -55,48 +53,24 @@ class Undo:
         self._saved.clear()
 
 
-def parametrize_weight(target: Target, settings: dict, warm_start: bool) -> KronParametrization:
-    """Register a KronParametrization on `target`: warm start = the nearest Kronecker sum to the current
-    weight; cold start = fresh factors whose W has the current weight's standard deviation."""
-    t = target.owner._parameters[target.tensor]
-    p = KronParametrization(target.shape, settings["n"], settings["terms"], settings["algebra"], target.chunks)
-    p.to(device=t.device, dtype=t.dtype)
-    std = 0.0 if t.is_meta or warm_start else _std(t)
-    p.param_order = list(target.owner._parameters)
-    parametrize.register_parametrization(target.owner, target.tensor, p, unsafe=True)
-    link_weight(target.owner, target.tensor)
-    if not warm_start:
-        plist = target.owner.parametrizations[target.tensor]
-        p.cold_start([plist.original0, plist.original1] if p.learned else [plist.original], std)
-    return p
-
-
-def _combined_error(ps: list[KronParametrization], weights: list[Tensor]) -> float | None:
-    if any(p.fit_error is None for p in ps) or any(w.is_meta for w in weights):
-        return None
-    sq = [float(w.detach().double().pow(2).sum()) for w in weights]
-    return math.sqrt(sum(p.fit_error ** 2 * s for p, s in zip(ps, sq)) / sum(sq)) if sum(sq) > 0 else 0.0
-
-
-def apply_plans(plans: list[Plan], warm_start: bool) -> Undo:
-    """Parametrize every planned target; on any error undo all of it and raise naming the layer."""
+def apply_plans(plans: list[Plan], warm_start: bool, read: Callable[[Target], Tensor] | None = None) -> Undo:
+    """Fit every planned layer (from the model's own weights, or from the dense tensors `read(target)` gives, read
+    one at a time: a checkpoint), then parametrize them all. Any failure leaves the model as it was and raises
+    naming the layer; the returned `Undo` puts the model back later (kronify.io, the calibrated fit)."""
+    fits = [[_fit(t, plan.settings, (read or _dense)(t), warm_start) for t in plan.targets] for plan in plans]
     undo = Undo()
-    for plan in plans:
-        try:
-            dense = [t.owner._parameters[t.tensor].detach() for t in plan.targets]
-            ps = []
-            for t in plan.targets:
-                undo.record(t.owner, t.tensor)
-                ps.append(parametrize_weight(t, plan.settings, warm_start))
-                for head, name in t.tied:
-                    undo.record(head, name)
-                    share_parametrization(head, name, t.owner.parametrizations[t.tensor])
-        except Exception as e:
-            undo.undo()
-            raise RuntimeError(f"converting {plan.row.name!r} ({plan.row.kind}) failed: {e}") from e
-        plan.row.status = "converted"
-        plan.row.params_after = own_param_count(plan.candidate.module) if plan.candidate else 0
-        plan.row.warm_start_error = _combined_error(ps, dense) if warm_start else None
+    try:
+        for plan, layer in zip(plans, fits):
+            try:
+                for fit in layer:
+                    _install(fit, undo)
+            except Exception as e:
+                raise RuntimeError(f"converting {plan.row.name!r} ({plan.row.kind}) failed: {e}") from e
+    except BaseException:
+        undo.undo()
+        raise
+    for plan, layer in zip(plans, fits):
+        _report(plan, layer, warm_start)
     _finish(plans)
     return undo
 
@@ -147,29 +121,14 @@ def _std(w: Tensor) -> float:
 
 
 def _fit(target: Target, settings: dict, w: Tensor, warm_start: bool) -> _Fit:
-    """The parametrization of `target` and its factors from the dense tensor `w` (the nearest Kronecker sum per
-    chunk, or empty factors and w's std for a cold start, or empty factors for a meta w): changes nothing."""
+    """The parametrization of `target` and its factors from the dense tensor `w` (the nearest Kronecker sum, or
+    empty factors and w's std for a cold start, or empty factors for a meta w): changes nothing."""
     p = KronParametrization(target.shape, settings["n"], settings["terms"], settings["algebra"], target.chunks)
     p.to(device=w.device, dtype=w.dtype)
     if not warm_start or w.is_meta:  # cold start, or a meta weight (no checkpoint): shapes only
-        F = torch.empty(p.chunks * p.terms * target.shape[0] // (p.chunks * p.n), target.shape[1] // p.n,
-                        *target.shape[2:], dtype=w.dtype, device=w.device)
-        A = [torch.empty(p.chunks * p.terms, p.n, p.n, dtype=w.dtype, device=w.device)] if p.learned else []
-        return _Fit(target, p, A + [F], std=None if w.is_meta else _std(w))
-    As, Fs, sq, err2 = [], [], [], []
-    for chunk in w.detach().chunk(p.chunks):
-        if p.learned:
-            a, f, err, s = kronecker_fit(chunk, p.n, p.terms)
-            As.append(a)
-        else:
-            f, err, s = kronecker_projection(chunk, algebra_matrices(p.algebra, dtype=torch.float64))
-        Fs.append(f.reshape(-1, *f.shape[2:]))
-        sq.append(s)
-        err2.append(err * err * s)
-    p.fit_error = math.sqrt(sum(err2) / sum(sq)) if sum(sq) > 0 else 0.0
-    F = Fs[0] if len(Fs) == 1 else torch.cat(Fs)
-    A = [As[0] if len(As) == 1 else torch.cat(As)] if p.learned else []
-    return _Fit(target, p, A + [F], sq_norm=sum(sq))
+        return _Fit(target, p, p.empty_factors(w), std=None if w.is_meta else _std(w))
+    factors, sq_norm = p.fit(w)
+    return _Fit(target, p, factors, sq_norm=sq_norm)
 
 
 def _meta_placeholder(owner: nn.Module, name: str) -> None:
@@ -243,24 +202,6 @@ def apply_in_place(plans: list[Plan], warm_start: bool) -> None:
         _report(plan, fits, warm_start)
         done.append(plan.row.name)
         del fits, undo  # the dense weight goes as soon as nothing refers to it
-    _finish(plans)
-
-
-def apply_from(plans: list[Plan], read: Callable[[Target], Tensor], warm_start: bool) -> None:
-    """Convert the planned layers from dense tensors `read(target)` gives (read one at a time, each dropped once its
-    factors are made), not from the model's own: every layer is fitted before the model changes, then all are
-    parametrized, so any failure leaves the model as it was."""
-    fits = [[_fit(t, plan.settings, read(t), warm_start) for t in plan.targets] for plan in plans]
-    undo = Undo()
-    try:
-        for layer in fits:
-            for fit in layer:
-                _install(fit, undo)
-    except BaseException:
-        undo.undo()
-        raise
-    for plan, layer in zip(plans, fits):
-        _report(plan, layer, warm_start)
     _finish(plans)
 
 

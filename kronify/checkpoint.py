@@ -7,7 +7,7 @@ tensor of its own, so a tensor read is resident only while something holds it (m
 keep every page it touched in the process's resident set). `match_checkpoint` pairs every tensor of the model
 with a checkpoint entry before anything changes: a missing tensor, a wrong shape or a non-float entry for a float
 tensor raises, naming them. `Loading` then reads the dense weights of the converted layers for
-`kronify.apply.apply_from` and stages every other parameter and buffer, and `assign` puts those in.
+`kronify.apply.apply_plans` and stages every other parameter and buffer, and `assign` puts those in.
 """
 
 from __future__ import annotations

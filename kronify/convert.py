@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from kronify.apply import apply_calibrated, apply_from, apply_in_place
+from kronify.apply import apply_calibrated, apply_in_place, apply_plans
 from kronify.budget_plan import budget_config
 from kronify.calibration import read_batches
 from kronify.checkpoint import Checkpoint, match_checkpoint
@@ -147,7 +147,7 @@ def convert(
     if source is not None:
         loading = match_checkpoint(target, source, todo)
         staged = loading.stage()  # the tensors that stay dense, read before any change
-        apply_from(todo, loading.read, config.warm_start)
+        apply_plans(todo, config.warm_start, loading.read)
         loading.assign(staged)
     elif calibration is None or not todo:
         check_finite(todo)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from kronify.algebra import LEARNED, algebra_matrices, resolve_algebra
-from kronify.kron import _kron_weight, check_kron_dims, nearest_kronecker, project_kronecker
+from kronify.kron import _kron_weight, check_kron_dims, kronecker_fit, kronecker_projection
 from kronify.linked_weight import KronAssignmentError, LinkedWeight, link_weight, plain_reads
 
 __all__ = ["KronAssignmentError", "KronParametrization", "LinkedWeight", "is_kron", "kron_param_count",
@@ -107,24 +107,31 @@ class KronParametrization(nn.Module):
         """The factors of the nearest Kronecker sum to W (exact at terms = n²); sets `fit_error`."""
         if tuple(W.shape) != self.shape:
             raise ValueError(f"expected a weight of shape {self.shape}, got {tuple(W.shape)}")
-        if W.is_meta:  # shapes only (a model built on the meta device): no values to fit
-            F = W.new_empty(self.terms * self.shape[0] // self.n, self.shape[1] // self.n, *self.shape[2:])
-            return (W.new_empty(self.chunks * self.terms, self.n, self.n), F) if self.learned else F
+        factors = self.empty_factors(W) if W.is_meta else self.fit(W)[0]
+        self._cache = None
+        return tuple(factors) if self.learned else factors[0]
+
+    def fit(self, W: Tensor) -> tuple[list[Tensor], float]:
+        """([A, F] or [F]) of the nearest Kronecker sum to W per chunk (float64 fits, streamed; factors in W's
+        dtype) and ‖W‖²_F; sets `fit_error`, the relative Frobenius error over all chunks."""
         As, Fs, sq, err2 = [], [], [], []
         for w in W.detach().chunk(self.chunks):
             if self.learned:
-                a, f, err = nearest_kronecker(w, self.n, self.terms)
+                a, f, err, s = kronecker_fit(w, self.n, self.terms)
                 As.append(a)
             else:
-                f, err = project_kronecker(w, algebra_matrices(self.algebra, dtype=torch.float64))
+                f, err, s = kronecker_projection(w, algebra_matrices(self.algebra, dtype=torch.float64))
             Fs.append(f.reshape(-1, *f.shape[2:]))
-            s = float(w.double().pow(2).sum())
             sq.append(s)
             err2.append(err * err * s)
         self.fit_error = math.sqrt(sum(err2) / sum(sq)) if sum(sq) > 0 else 0.0
-        self._cache = None
-        F = torch.cat(Fs)
-        return (torch.cat(As), F) if self.learned else F
+        F = Fs[0] if len(Fs) == 1 else torch.cat(Fs)
+        return ([As[0] if len(As) == 1 else torch.cat(As)] if self.learned else []) + [F], sum(sq)
+
+    def empty_factors(self, like: Tensor) -> list[Tensor]:
+        """Uninitialised ([A, F] or [F]) in `like`'s dtype and device (meta: shapes only)."""
+        F = like.new_empty(self.terms * self.shape[0] // self.n, self.shape[1] // self.n, *self.shape[2:])
+        return ([like.new_empty(self.chunks * self.terms, self.n, self.n)] if self.learned else []) + [F]
 
     def cold_start(self, factors: list[Tensor], std: float) -> None:
         """Fresh factors (in place) whose W has standard deviation `std`: each (a, b) fibre of A has unit
