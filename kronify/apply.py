@@ -7,7 +7,7 @@
   `PartialConversionError` naming the converted and the remaining layers. Every check on the input runs before.
 - `apply_plans`: every layer fitted (from the model's weights or from tensors read elsewhere: a checkpoint) before
   the model changes, then all parametrized, with a full undo on any error (it keeps every dense weight until it
-  returns); kronify.io loads factors with it and `apply_calibrated` fits the factors to the layers' inputs with it.
+  returns); kronify.io loads factors with it, and the calibrated fit (kronify.calibration.apply) refits them.
 
 Both make a layer's factors in one place (`_fit`, KronParametrization.fit) and install them in one (`_install`).
 """
@@ -15,22 +15,20 @@ Both make a layer's factors in one place (`_fit`, KronParametrization.fit) and i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from kronify.calibration import CalibrationLayer, calibrate, collect, first_calls, read_batches
-from kronify.config import CalibrationConfig, KronConfig
 from kronify.layer_kinds import kind_of
 from kronify.linked_weight import build_once_per_call, link_weight, unlink
 from kronify.parametrization import KronParametrization, is_kron, share_parametrization
 from kronify.plan import Plan, Target
 from kronify.report import own_param_count
 
-__all__ = ["PartialConversionError", "Undo", "apply_calibrated", "apply_in_place", "apply_plans"]
+__all__ = ["PartialConversionError", "Undo", "apply_in_place", "apply_plans"]
 
 
 class Undo:
@@ -209,31 +207,3 @@ def _names(names: list[str], most: int = 6) -> str:
     if not names:
         return "none"
     return ", ".join(map(repr, names[:most])) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
-
-
-def apply_calibrated(model: nn.Module, todo: list[Plan], config: KronConfig, batches: Any) -> KronConfig:
-    """apply_plans, then fit every converted layer to its calibration inputs (kronify.calibration). The model
-    is probed with the first batch before anything changes; on any later error the conversion is undone."""
-    cfg = config.calibration or CalibrationConfig()
-    batches = read_batches(batches, cfg)
-    layers = [CalibrationLayer(p.row.name, p.candidate.module, [(t.owner, t.tensor, t.chunks) for t in p.targets],
-                               [t.owner._parameters[t.tensor].detach() for t in p.targets]) for p in todo]
-    calls = first_calls(model, layers, batches[0])
-    if not cfg.sequential:
-        collect(model, layers, batches, cfg)
-    undo = apply_plans(todo, warm_start=True)
-    try:
-        fits = calibrate(model, layers, batches, cfg, calls)
-    except BaseException:
-        undo.undo()
-        raise
-    for plan, layer in zip(todo, layers):
-        fit = fits[layer.name]
-        if fit is None:
-            plan.row.fit = f"weight-only: {layer.skip}"
-            continue
-        plan.row.fit, plan.row.output_error, plan.row.weight_fit_error = fit.how, fit.output_error, fit.weight_fit_error
-        plan.row.warm_start_error = fit.weight_error
-    return replace(config, calibration=cfg)
-
-

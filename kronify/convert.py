@@ -25,7 +25,8 @@ from typing import Any
 
 from torch import nn
 
-from kronify.apply import apply_calibrated, apply_in_place, apply_plans
+from kronify.apply import apply_in_place, apply_plans
+from kronify.calibration.apply import apply_calibrated
 from kronify.budget_plan import budget_config
 from kronify.calibration import read_batches
 from kronify.checkpoint import Checkpoint, match_checkpoint

@@ -334,7 +334,7 @@ def test_an_undone_conversion_keeps_no_attention_weight_built_by_its_forwards(mo
         raise RuntimeError("fit failed")
 
     model, x = Attention(), torch.randn(2, 5, 8)
-    monkeypatch.setattr("kronify.apply.calibrate", calibrate)
+    monkeypatch.setattr("kronify.calibration.apply.calibrate", calibrate)
     with pytest.raises(RuntimeError, match="fit failed"):
         kronify.convert(model, n=2, warm_start=True, calibration=[x])
     assert type(model.mha) is nn.MultiheadAttention and not is_kron(model.mha.out_proj)
