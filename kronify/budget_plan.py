@@ -20,8 +20,7 @@ from kronify.config import CalibrationConfig, KronConfig
 from kronify.kron_fit import damped_cholesky, weight_matrix
 from kronify.layer_kinds import weight_names
 from kronify.parametrization import own_kron_parametrizations
-from kronify.patterns import Selector
-from kronify.plan import find_candidates, param_owners, target_for
+from kronify.plan import Selector, find_candidates, param_owners, target_for
 from kronify.report import count_params
 
 __all__ = ["budget_config"]
@@ -50,7 +49,7 @@ def budget_config(model: nn.Module, config: KronConfig, batches: Any) -> KronCon
     if any(v is not None for v in config.overrides.values()):
         raise ValueError("budget: the budget chooses n and terms per layer; overrides may only keep layers dense "
                          "(None) when a budget is given")
-    selector = Selector(config.include, config.exclude, config.overrides)
+    selector = Selector(config)
     defaults = {"n": config.n, "terms": config.terms, "algebra": config.algebra}
     chosen: list[tuple[str, nn.Module, list]] = []
     owners = param_owners(model)

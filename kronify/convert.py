@@ -26,14 +26,13 @@ from typing import Any
 from torch import nn
 
 from kronify.apply import apply_in_place, apply_plans
-from kronify.calibration.apply import apply_calibrated
 from kronify.budget_plan import budget_config
 from kronify.calibration import read_batches
+from kronify.calibration.apply import apply_calibrated
 from kronify.checkpoint import Checkpoint, match_checkpoint
 from kronify.config import CalibrationConfig, KronConfig
 from kronify.parametrization import is_kron
-from kronify.patterns import Selector
-from kronify.plan import check_finite, make_plans
+from kronify.plan import Selector, check_finite, make_plans
 from kronify.report import ConversionReport, count_params
 
 __all__ = ["convert", "is_kron"]
@@ -126,7 +125,7 @@ def convert(
     requested = config.budget
     if requested is not None:
         config = budget_config(target, config, calibration)
-    selector = Selector(config.include, config.exclude, config.overrides)
+    selector = Selector(config)
     plans, analysis = make_plans(target, config, selector, example_inputs)
     if requested is not None:
         for plan in plans:

@@ -13,7 +13,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch.nn.functional as Fn
 from torch import Tensor, nn
 
 __all__ = ["InputView", "KINDS", "LayerKind", "is_hf_conv1d", "kind_of", "weight_names"]
@@ -26,7 +25,8 @@ class InputView:
     kind: "linear" (the input's last dim), "patches" (im2col of a Conv1d/Conv2d input, padded as the layer
     pads) or "channels" (a pixel's channel vector; the metric over the kernel taps is then C ⊗ I); sources: per
     chunk of dim 0, which positional input (query 0, key 1, value 2) feeds it; kernel: the number of kernel taps
-    of a "channels" view; transposed: the weight's first two dims are (in, out)."""
+    of a "channels" view; transposed: the weight's first two dims are (in, out). The rows themselves are read by
+    kronify.calibration.inputs.input_rows."""
 
     kind: str
     sources: tuple[int, ...]
@@ -37,28 +37,6 @@ class InputView:
     def taps_are_outputs(self) -> bool:
         """A transposed conv's kernel taps write different output pixels (see Moments.covariance)."""
         return self.transposed and self.kernel > 1
-
-    def rows(self, module: nn.Module, x: Tensor) -> Tensor:
-        """The input tensor `x` of one call as rows (N, d) in float32."""
-        x = x.detach()
-        if self.kind == "linear":
-            return x.reshape(-1, x.shape[-1]).float()
-        if self.kind == "channels":
-            return x.movedim(1, -1).reshape(-1, x.shape[1]).float()
-        return _patches(module, x)
-
-
-def _patches(conv: nn.Module, x: Tensor) -> Tensor:
-    """im2col rows (N·L, in·kernel) of a Conv1d/Conv2d input, padded as the layer pads."""
-    one_d = x.dim() == 3
-    pad = conv._reversed_padding_repeated_twice
-    if any(pad):
-        x = Fn.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
-    pair = (lambda v: (1, v[0])) if one_d else tuple
-    if one_d:
-        x = x.unsqueeze(2)
-    cols = Fn.unfold(x.float(), pair(conv.kernel_size), dilation=pair(conv.dilation), stride=pair(conv.stride))
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,55 @@ from kronify.analysis import Analysis, analyse
 from kronify.config import KronConfig
 from kronify.layer_kinds import kind_of, weight_names
 from kronify.parametrization import own_kron_parametrizations
-from kronify.patterns import Selector
+from kronify.patterns import key_matches, key_repr
 from kronify.report import LayerRow, own_param_count
 
-__all__ = ["Candidate", "Plan", "Target", "check_finite", "find_candidates", "make_plans", "param_owners",
+__all__ = ["Candidate", "Plan", "Selector", "Target", "check_finite", "find_candidates", "make_plans", "param_owners",
            "target_for"]
+
+
+class Selector:
+    """Decides, per module, whether it is selected and with which settings; remembers which keys matched. Reads
+    the include / exclude / overrides of a KronConfig, which validated them."""
+
+    def __init__(self, config: KronConfig) -> None:
+        self.include, self.exclude, self.overrides = config.include, config.exclude or [], config.overrides
+        self.used: set[tuple[str, Any]] = set()
+
+    def select(self, names: list[str], module: nn.Module, defaults: dict) -> tuple[dict | None, str]:
+        """Return (settings, "") for a selected module, or (None, reason) for one the user left out.
+
+        All keys are tested (not only the first hit) so that unused-pattern warnings are exact.
+        Exclude wins over include; an override of None skips; matching override dicts are applied
+        in order: type keys first, then name keys, each in the order given (later ones win).
+        """
+        included = True
+        if self.include is not None:
+            hits = [p for p in self.include if key_matches(names, module, p)]
+            self.used.update(("include", p) for p in hits)
+            included = bool(hits)
+        excl = [p for p in self.exclude if key_matches(names, module, p)]
+        self.used.update(("exclude", p) for p in excl)
+        matching = [k for k in self.overrides if key_matches(names, module, k)]
+        self.used.update(("overrides", k) for k in matching)
+        if excl:
+            return None, f"excluded by {excl[0]!r}"
+        if not included:
+            return None, "not matched by include"
+        settings = dict(defaults)
+        ordered = [k for k in matching if isinstance(k, type)] + [k for k in matching if not isinstance(k, type)]
+        for k in ordered:
+            if self.overrides[k] is None:
+                return None, f"override {key_repr(k)} is None"
+            settings.update(self.overrides[k])
+        return settings, ""
+
+    def unused(self) -> list[str]:
+        """Descriptions of patterns and override keys that matched no module."""
+        keys = [("include", p, f"include pattern {p!r}") for p in self.include or []]
+        keys += [("exclude", p, f"exclude pattern {p!r}") for p in self.exclude]
+        keys += [("overrides", k, f"overrides key {key_repr(k)}") for k in self.overrides]
+        return [what for kind, key, what in keys if (kind, key) not in self.used]
 
 
 @dataclass

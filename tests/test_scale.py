@@ -23,8 +23,7 @@ from kronify import kron_weight, nearest_kronecker
 from kronify.checkpoint import Checkpoint
 from kronify.config import KronConfig
 from kronify.parametrization import KronParametrization, is_kron, kron_parametrizations
-from kronify.patterns import Selector
-from kronify.plan import make_plans
+from kronify.plan import Selector, make_plans
 
 transformers = pytest.importorskip("transformers")
 
@@ -84,7 +83,7 @@ def test_layer_by_layer_gives_what_torchs_registration_gives(build, algebra):
     other = copy.deepcopy(model)
     cfg = KronConfig(n=2, algebra=algebra, warm_start=True)
     report = kronify.convert(model, cfg)
-    plans, _ = make_plans(other, cfg, Selector(cfg.include, cfg.exclude, cfg.overrides))
+    plans, _ = make_plans(other, cfg, Selector(cfg))
     for plan in plans:
         for t in plan.targets if plan.settings else []:
             p = KronParametrization(t.shape, plan.settings["n"], plan.settings["terms"], algebra, t.chunks)

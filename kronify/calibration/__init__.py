@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from kronify.batches import call_model, iterate_batches, move_batch
-from kronify.calibration.inputs import Moments
+from kronify.calibration.inputs import Moments, input_rows
 from kronify.calibration.layer_fit import LayerFit, fit_weight, rms
 from kronify.config import CalibrationConfig
 from kronify.layer_kinds import InputView, kind_of
@@ -129,7 +129,7 @@ def _hook(layer: CalibrationLayer, state: dict, stop: bool):
         for src in sources:
             x = inputs[src]
             if id(x) not in rows:
-                rows[id(x)] = layer.views[0].rows(module, x)
+                rows[id(x)] = input_rows(layer.views[0], module, x)
             bucket[src].add(rows[id(x)])
         if stop:
             raise _Stop

@@ -8,9 +8,35 @@ attention), so that the layer's output is W2 x with W2 the weight as a matrix (s
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as Fn
+from torch import Tensor, nn
 
-__all__ = ["Moments"]
+from kronify.layer_kinds import InputView
+
+__all__ = ["Moments", "input_rows"]
+
+
+def input_rows(view: InputView, module: nn.Module, x: Tensor) -> Tensor:
+    """The input tensor `x` of one call of `module` as rows (N, d) in float32, as `view` reads it."""
+    x = x.detach()
+    if view.kind == "linear":
+        return x.reshape(-1, x.shape[-1]).float()
+    if view.kind == "channels":
+        return x.movedim(1, -1).reshape(-1, x.shape[1]).float()
+    return _patches(module, x)
+
+
+def _patches(conv: nn.Module, x: Tensor) -> Tensor:
+    """im2col rows (N·L, in·kernel) of a Conv1d/Conv2d input, padded as the layer pads."""
+    one_d = x.dim() == 3
+    pad = conv._reversed_padding_repeated_twice
+    if any(pad):
+        x = Fn.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+    pair = (lambda v: (1, v[0])) if one_d else tuple
+    if one_d:
+        x = x.unsqueeze(2)
+    cols = Fn.unfold(x.float(), pair(conv.kernel_size), dilation=pair(conv.dilation), stride=pair(conv.stride))
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
 class Moments:
