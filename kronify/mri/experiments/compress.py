@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import kronify
+from kronify.io import read_record
 from kronify.mri.errors import RecipeError, RunError
 from kronify.mri.experiments.jobs import run_calls
 from kronify.mri.experiments.presets import Preset, get_preset
@@ -234,8 +235,10 @@ def compress_run(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, setti
     schedule = replace(preset, lr=lr, schedule="cosine", warmup_frac=0.05, precision=precision or preset.precision)
     result = train_and_test(student, schedule, data.datasets, out, family=family, seed=seed, max_steps=steps,
                             resume=resume, hardware=hardware, info=info, teacher=teacher, distill=weights)
-    if result:  # rank 0: the final EMA weights beside the conversion, for evaluation and reuse
-        kronify.save(RunRecord.open(out).load_ema_weights(student), save)
+    if result:  # rank 0: the final EMA weights beside the conversion (and its config), for evaluation and reuse
+        config = read_record(save)[0].get("config")
+        kronify.save(RunRecord.open(out).load_ema_weights(student), save,
+                     None if config is None else kronify.KronConfig.from_dict(config))
     return result
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kronify
+from kronify.io import read_record
 from kronify.mri.experiments.compress import KRON_SAVE, CompressSettings
 from kronify.mri.experiments.presets import get_preset
 from kronify.mri.experiments.run_folder import RunRecord
@@ -109,6 +110,8 @@ def test_budget_run_rebuilds_from_its_save(dense_run, tmp_path):
     info = json.loads((out / "metrics.json").read_text())
     assert info["compression"]["budget"] == 0.5 and info["model"].endswith("_budget0.5")
     assert info["params"] <= 0.55 * info["compression"]["teacher_params"]
+    config = read_record(out / KRON_SAVE)[0]["config"]  # the final save keeps the budget's per-layer choices
+    assert config is not None and config["overrides"]
     assert run_recipe("evaluate", ["--run", str(out), "--out", str(tmp_path / "e")]) == 0
     again = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert again["psnr_mean"] == pytest.approx(info["psnr_mean"], rel=1e-6)
