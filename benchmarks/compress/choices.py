@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import kronify
-from benchmarks._common import machine
+from benchmarks._common import machine, write_results
 from benchmarks.compress import common
 from benchmarks.compress.common import Cache, compress, distill, fmt, layer_errors, n_params
 from benchmarks.compress.tasks import TASKS, Task
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": machine(threads=args.threads),
               "seeds": args.seeds, "fraction": FRACTION, "calibration_batches": common.CALIBRATION_BATCHES,
               "dense_metric": dense, "summary": summarise(records), "records": records}
-    common.write_results(args.out, result, markdown(result))
+    write_results(args.out, "results", result, markdown(result))
     return result
 
 

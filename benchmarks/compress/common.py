@@ -153,11 +153,3 @@ def parser(doc: str, name: str, *, seeds: int, runs_on: str = "the run's name") 
                     "(others: from the cache)")
     ap.add_argument("--fresh", action="store_true", help="recompute cached runs")
     return ap
-
-
-def write_results(out: Path, result: dict, markdown: str) -> None:
-    """OUT/results.json and OUT/results.md, and the markdown printed."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "results.md").write_text(markdown)
-    print(markdown)

@@ -2,15 +2,15 @@
 ``recipes/compress.py``'s orchestration (kronify.mri.experiments.compress.compress_run), over seeds.
 
     python recipes/table1.py --preset demo --models unet,swinmr,modl --seeds 3 --out RUNS_ROOT   # teachers, scratch
-    python -m benchmarks.compress.mri choices --table RUNS_ROOT --seeds 2     # design choices at 10 % of the steps
     python -m benchmarks.compress.mri study --table RUNS_ROOT --seeds 3 [--unseen DATA]   # the rows of the study
+    python -m benchmarks.compress.mri choices --table RUNS_ROOT --seeds 2 --out STUDY_OUT  # one change at a time
 
 Seed s of every compressed row starts from seed s of the dense run and is compared with it (and with seed s of
 the Kronecker model trained from scratch): the volume-paired comparison of the rows' per-volume PSNR averaged
 over seeds (t-CI, Wilcoxon; kronify.mri.experiments.study.compare_rows) and a paired t-test over the seeds'
-test means (scipy.stats.ttest_rel). ``--unseen DATA`` also scores the dense, from-scratch and 20 % rows on a
+test means (scipy.stats.ttest_rel). ``--unseen DATA`` also scores the dense, from-scratch and both 20 % rows on a
 demo-format folder built from another anatomy (docs/results/demo_unseen_anatomy.md). Runs already in --out are
-reused. Writes OUT/results.md and OUT/results.json.
+reused. Writes OUT/results-<mode>.md and .json.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.compress.common import fmt, paired_test, write_results
+from benchmarks._common import write_results
+from benchmarks.compress.common import fmt, paired_test
 from kronify.mri.experiments.compress import CompressSettings, compress_run
 from kronify.mri.experiments.evaluate import evaluate_run
 from kronify.mri.experiments.jobs import machine_description, run_calls
@@ -33,7 +34,8 @@ from zoo.build import compress_models, rebuild_run_model
 
 FAMILIES = {"unet": "unet_demo", "modl": "modl_demo", "swinmr": "swinmr_demo"}
 STUDY_FRACTIONS = (0.05, 0.10, 0.20)
-UNSEEN_ROWS = ("calibrated + distilled 20%", "budget 0.5 + distilled 20%")  # also scored on --unseen
+BUDGET_ROW = "budget 0.5 + distilled 20%"  # the setting make demo's compressed rows use
+UNSEEN_ROWS = ("calibrated + distilled 20%", BUDGET_ROW)  # also scored on --unseen
 
 
 def study_rows(scratch_steps: int) -> dict[str, CompressSettings]:
@@ -42,18 +44,20 @@ def study_rows(scratch_steps: int) -> dict[str, CompressSettings]:
             "calibrated warm start, 0 steps": CompressSettings(steps=0)}
     for f in STUDY_FRACTIONS:
         rows[f"calibrated + distilled {f:.0%}"] = CompressSettings(steps=round(f * scratch_steps))
-    rows["budget 0.5 + distilled 20%"] = CompressSettings(budget=0.5, steps=round(0.2 * scratch_steps))
+    rows[BUDGET_ROW] = CompressSettings(budget=0.5, steps=round(0.2 * scratch_steps))
     return rows
 
 
 def choice_rows(scratch_steps: int) -> dict[str, CompressSettings]:
-    """One change at a time from the recipe's defaults, at 10 % of the from-scratch steps."""
-    base = CompressSettings(steps=round(0.1 * scratch_steps))
-    return {"default (teacher, lr preset, calibrated)": base,
+    """One change at a time from make demo's setting (``--budget 0.5``, 20 % of the from-scratch steps); the first
+    row is the study's, so a choices run into the study's --out reuses its runs."""
+    base = CompressSettings(budget=0.5, steps=round(0.2 * scratch_steps))
+    return {BUDGET_ROW: base,
             "ground truth only": replace(base, target="ground-truth"),
             "teacher + ground truth": replace(base, target="both"),
             "+ feature matching (weight 1)": replace(base, features=1.0),
             "lr 3e-4": replace(base, lr=3e-4),
+            "lr 3e-3": replace(base, lr=3e-3),
             "weight-only warm start": replace(base, warm_start="weights")}
 
 
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(f"out/compress/mri-{args.mode}")
     result = run(args.table, out, list(range(args.seeds)), args.mode, args.jobs, args.unseen,
                  args.families.split(","))
-    write_results(out, json.loads(json.dumps(result, default=str)), markdown(result))
+    write_results(out, f"results-{args.mode}", json.loads(json.dumps(result, default=str)), markdown(result))
     return 0
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks._common import machine
+from benchmarks._common import machine, write_results
 from benchmarks.compress import common
 from benchmarks.compress.common import Cache, compress, distill, fmt, layer_errors, n_params
 from benchmarks.compress.tasks import TASKS, Task
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
               "seeds": args.seeds, "fractions": FRACTIONS, "calibration_batches": common.CALIBRATION_BATCHES,
               "tasks": summarise(records), "records": records,
               "seconds_this_invocation": time.perf_counter() - started}
-    common.write_results(args.out, result, markdown(result))
+    write_results(args.out, "results", result, markdown(result))
     return result
 
 
