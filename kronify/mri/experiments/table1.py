@@ -57,8 +57,9 @@ Row = tuple[str, "str | None", int, str]
 #: Compressed row label -> the dense row it is compressed from (kronify.mri.paper.COMPRESSED_ROWS).
 COMPRESSED: dict[str, str] = dict(COMPRESSED_ROWS)
 #: How the compressed rows are made: ½ of the parameters, terms where the calibrated error needs them, distilled
-#: for 20 % of the teacher's steps (measured: docs/results/compress_trained.md, "MRI").
-COMPRESSED_SETTINGS = CompressSettings(budget=0.5)
+#: from the teacher and the ground truth for 20 % of the teacher's steps (measured: docs/results/compress_trained.md,
+#: "MRI").
+COMPRESSED_SETTINGS = CompressSettings(budget=0.5, target="both")
 
 
 def _rows() -> list[Row]:
@@ -303,7 +304,8 @@ def write_table(out: Path, preset: Preset, lines: list[list[str]], csv_rows: lis
         unet_rows_note({row[0] for row in lines}),
         *([f"- Compressed rows (not in the paper): seed s of the trained dense row compressed by `recipes/compress.py "
            f"--budget {COMPRESSED_SETTINGS.budget}` (½ of the parameters, more Kronecker terms where the calibrated "
-           f"error needs them, calibrated warm start from its EMA weights, then distillation from it for "
+           f"error needs them, calibrated warm start from its EMA weights, then distillation from it and the ground "
+           f"truth (`--target {COMPRESSED_SETTINGS.target}`) for "
            f"{DEFAULT_FRACTION:.0%} of its steps); their steps and train time are the distillation's, and their "
            "paired comparison is with that dense row."] if any(row[0] in COMPRESSED for row in lines) else []),
         "- Train time: wall time of training incl. validation. Every model is evaluated with its EMA weights."

@@ -63,7 +63,8 @@ def test_compressed_run_folder(compressed, dense_run):
     assert info["family"] == "unet" and info["kron_n"] == 2 and info["preset"] == "tiny"
     c = info["compression"]
     assert c["teacher"] == str(dense_run.resolve()) and c["teacher_steps"] == teacher["steps"]
-    assert c["warm_start"] == "calibrated" and c["target"] == "teacher" and c["output_error_mean"] is not None
+    assert c["warm_start"] == "calibrated" and c["output_error_mean"] is not None
+    assert c["target"] == "both" and c["distill"]["teacher"] == c["distill"]["target"] == 0.5  # the default
     assert (compressed / KRON_SAVE / "kronify_config.json").is_file()
     assert (compressed / "checkpoints" / "last.ckpt").is_file() and info["test_files"] == teacher["test_files"]
 
