@@ -30,13 +30,14 @@ from torch.utils.data import DataLoader
 
 import kronify
 from kronify.io import read_record
+from kronify.io.record import record_config
 from kronify.mri.errors import RecipeError, RunError
 from kronify.mri.experiments.jobs import run_calls
 from kronify.mri.experiments.presets import Preset, get_preset
 from kronify.mri.experiments.run import Hardware, RunSpec, train_and_test
 from kronify.mri.experiments.run_folder import RunRecord
 from kronify.mri.experiments.setup import Data, MaskSettings, prepare_data
-from kronify.mri.experiments.study import seed_runs
+from kronify.mri.experiments.study import reuses_finished_run, seed_runs
 from kronify.mri.training.checkpoint import last_checkpoint
 from kronify.mri.training.distill import DistillWeights, converted_layers
 from kronify.mri.training.wrappers import ZeroFilledStart
@@ -214,11 +215,13 @@ def compress_run(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, setti
     teacher = run.load_ema_weights(models.dense(family, preset))
     pl.seed_everything(seed, workers=True, verbose=False)
     save = out / KRON_SAVE
-    if resume and save.is_dir():
-        student, report = load_compressed(RunRecord(out, {}), models.dense(family, preset)), None
+    if resume and save.is_dir():  # the conversion saved before training: its model and its config
+        student = load_compressed(RunRecord(out, {}), models.dense(family, preset))
+        report, config = None, record_config(read_record(save)[0], str(save))
     else:
         student, report = _student(teacher, family, preset, settings, data, seed, models)
-        kronify.save(student, save, report.config)
+        config = report.config
+        kronify.save(student, save, config)
     teacher_weight, target_weight = TARGETS[settings.target]
     weights = DistillWeights(teacher_weight, target_weight, settings.features,
                              tuple(converted_layers(student)) if settings.features > 0 else ())
@@ -238,9 +241,7 @@ def compress_run(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, setti
     result = train_and_test(student, schedule, data.datasets, out, family=family, seed=seed, max_steps=steps,
                             resume=resume, hardware=hardware, info=info, teacher=teacher, distill=weights)
     if result:  # rank 0: the final EMA weights beside the conversion (and its config), for evaluation and reuse
-        config = read_record(save)[0].get("config")
-        kronify.save(RunRecord.open(out).load_ema_weights(student), save,
-                     None if config is None else kronify.KronConfig.from_dict(config))
+        kronify.save(RunRecord.open(out).load_ema_weights(student), save, config)
     return result
 
 
@@ -267,8 +268,7 @@ def compress_pending(pairs: Sequence[tuple[RunSpec, RunSpec]], seeds: Sequence[i
     calls = []
     for dense, compressed in pairs:
         for teacher, spec in zip(seed_runs(dense, seeds), seed_runs(compressed, seeds)):
-            if spec.resume and RunRecord.is_finished(spec.out_dir):
-                print(f"{spec.name} {spec.acceleration}x seed {spec.seed}: reusing its finished run", flush=True)
+            if reuses_finished_run(spec):
                 continue
             hardware = replace(spec.hardware, progress_bar=spec.hardware.progress_bar and jobs == 1)
             calls.append(((teacher.out_dir, spec.out_dir, settings, models),

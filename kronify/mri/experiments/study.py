@@ -38,8 +38,8 @@ from kronify.mri.experiments.statistics import (
 )
 
 __all__ = ["COMPARED_METRICS", "RowOverSeeds", "compare_rows", "compare_seed_means", "comparison_dicts",
-           "per_volume_values", "read_row", "row_over_seeds", "seed_list", "seed_run_dir", "seed_runs",
-           "train_pending"]
+           "per_volume_values", "read_row", "reuses_finished_run", "row_over_seeds", "seed_list", "seed_run_dir",
+           "seed_runs", "train_pending"]
 
 #: Metrics whose Kronecker-minus-dense difference the tables report (higher is better for both).
 COMPARED_METRICS = ("psnr", "ssim")
@@ -74,13 +74,16 @@ def train_pending(runs: Sequence[tuple[RunSpec, Data]], preset: Preset, build: M
                   zero_filled: MetricsAccumulator | None = None) -> bool:
     """Train (:func:`~kronify.mri.experiments.run.train_runs`) the runs that are not finished yet; a run with
     ``resume`` whose folder holds a finished run is reused. False on a non-zero DDP rank (rank 0 writes tables)."""
-    pending = []
-    for spec, data in runs:
-        if spec.resume and RunRecord.is_finished(spec.out_dir):
-            print(f"{spec.name} {spec.acceleration}x seed {spec.seed}: reusing its finished run", flush=True)
-        else:
-            pending.append((spec, data))
+    pending = [(spec, data) for spec, data in runs if not reuses_finished_run(spec)]
     return all(train_runs(pending, preset, build, jobs, zero_filled=zero_filled))
+
+
+def reuses_finished_run(spec: RunSpec) -> bool:
+    """True (and says so) when ``spec`` resumes into a folder that already holds a finished run."""
+    if spec.resume and RunRecord.is_finished(spec.out_dir):
+        print(f"{spec.name} {spec.acceleration}x seed {spec.seed}: reusing its finished run", flush=True)
+        return True
+    return False
 
 
 @dataclass(frozen=True)

@@ -125,8 +125,10 @@ def test_modl_with_kspace_inputs_and_resume(demo_root, tmp_path):
     assert run_recipe("compress", argv) == 0
     (out / "metrics.json").unlink()  # as if stopped after its last checkpoint
     assert run_recipe("compress", argv) == 2  # a run is there: --resume or another --out
+    config = read_record(out / KRON_SAVE)[0]["config"]
     assert run_recipe("compress", [*argv[:5], "4", *argv[6:], "--resume"]) == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+    assert config is not None and read_record(out / KRON_SAVE)[0]["config"] == config  # kept through the resume
 
 
 @pytest.mark.parametrize("case", ["kron_run", "compressed_run", "preset", "protocol", "out_holds_run",
