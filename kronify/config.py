@@ -16,8 +16,10 @@ from torch import nn
 from kronify.algebra import LEARNED, resolve_algebra
 from kronify.patterns import normalize_overrides, normalize_patterns
 
-__all__ = ["CalibrationConfig", "KronConfig"]
+__all__ = ["CONFIG_ATTRIBUTE", "CalibrationConfig", "KronConfig"]
 
+#: The attribute of a converted (or loaded) model that holds its KronConfig (kronify.save's default config).
+CONFIG_ATTRIBUTE = "kronify_config"
 CALIBRATION_METHODS = ("als", "kron", "weight")
 
 _TYPE_PREFIX = "type:"

@@ -31,6 +31,7 @@ from kronify.calibration import read_batches
 from kronify.calibration.apply import apply_calibrated
 from kronify.checkpoint import Checkpoint, match_checkpoint
 from kronify.config import CalibrationConfig, KronConfig
+from kronify.io import remember_config
 from kronify.parametrization import is_kron
 from kronify.plan import Selector, check_finite, make_plans
 from kronify.report import ConversionReport, count_params
@@ -107,6 +108,8 @@ def convert(
     (out of memory, an interrupt), a `kronify.apply.PartialConversionError` names the converted layers, and
     converting again with the same settings finishes the rest. From a checkpoint, and with calibration, any error
     leaves `model` unchanged. Returns a ConversionReport (`.model` is the converted model, `.config` the KronConfig).
+    The model remembers the KronConfig (`model.kronify_config`: `kronify.save` stores it) and a transformers
+    model's `save_pretrained` writes a kronify save, which `kronify.from_pretrained` loads.
     """
     config = _resolve_config(n, config, dict(terms=terms, algebra=algebra, warm_start=warm_start, include=include,
                                              exclude=exclude, overrides=overrides or {}, strict=strict,
@@ -154,6 +157,7 @@ def convert(
         apply_in_place(todo, config.warm_start)
     else:
         config = apply_calibrated(target, todo, config, calibration)
+    remember_config(target, config)
     return ConversionReport(model=target, rows=[p.row for p in plans], params_before=params_before,
                             params_after=count_params(target), traced=analysis.traced, trace_error=analysis.error,
                             config=config, budget=requested)

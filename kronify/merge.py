@@ -15,6 +15,7 @@ import copy
 from torch import nn
 from torch.nn.utils import parametrize
 
+from kronify.io import forget_config
 from kronify.linked_weight import plain_reads, unlink
 from kronify.parametrization import is_kron, kron_parametrizations
 
@@ -43,4 +44,5 @@ def merge(model: nn.Module, inplace: bool = True) -> nn.Module:
         owner._parameters = dict(sorted(owner._parameters.items(), key=lambda kv: order.get(kv[0], len(order))))
         if not is_kron(owner):
             unlink(owner)
+    forget_config(target)  # a plain model again: transformers' own save_pretrained
     return target

@@ -39,8 +39,7 @@ def perturb(model: nn.Module) -> nn.Module:
 def converted_gpt2(**kw) -> tuple[GPT2LMHeadModel, kronify.KronConfig]:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(gpt2_config())
-    report = kronify.convert(model, **kw)
-    install_save_pretrained(model, report.config)  # what convert does once it is wired in (see the brief)
+    report = kronify.convert(model, **kw)  # routes save_pretrained through kronify
     return perturb(model), report.config
 
 
@@ -118,6 +117,25 @@ def test_plain_torch_model_directory_round_trip(tmp_path):
         kronify.from_pretrained(tmp_path / "plain")
 
 
+def saved_config(path) -> kronify.KronConfig:
+    return kronify.KronConfig.from_dict(kronify.io.read_record(path)[0]["config"])
+
+
+def test_save_stores_the_config_the_model_was_converted_or_loaded_with(tmp_path):
+    model = Plain()
+    cfg = kronify.convert(model, n=2, terms=2, overrides={"fc": {"n": 4}}).config
+    kronify.save(model, tmp_path / "first")  # no config= : the conversion's
+    assert saved_config(tmp_path / "first") == cfg and cfg.terms == 2
+    loaded = kronify.load(Plain(), tmp_path / "first")
+    kronify.save(loaded, tmp_path / "again.safetensors")  # a loaded model keeps it too
+    assert saved_config(tmp_path / "again.safetensors") == cfg
+    other = kronify.KronConfig(n=2)
+    kronify.save(loaded, tmp_path / "given", config=other)  # an explicit config wins
+    assert saved_config(tmp_path / "given") == other
+    kronify.merge(loaded)  # a plain model again: nothing of kronify's is left on it
+    assert not hasattr(loaded, "kronify_config")
+
+
 def test_factors_under_another_parametrization_and_shared_layers_round_trip(tmp_path):
     def build():
         torch.manual_seed(0)
@@ -185,7 +203,9 @@ def test_save_pretrained_of_a_converted_model_is_a_kronify_save(tmp_path):
 def test_save_pretrained_after_merge_is_a_plain_transformers_checkpoint(tmp_path):
     model, _ = converted_gpt2(n=2)
     expected = logits(model)
-    kronify.merge(model).save_pretrained(tmp_path / "merged")
+    kronify.merge(model)
+    assert "save_pretrained" not in vars(model) and not hasattr(model, "kronify_config")
+    model.save_pretrained(tmp_path / "merged")
     assert "model.safetensors" in os.listdir(tmp_path / "merged")
     plain = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
     assert (logits(plain) - expected).abs().max() < 1e-5
@@ -193,7 +213,7 @@ def test_save_pretrained_after_merge_is_a_plain_transformers_checkpoint(tmp_path
 
 def test_save_pretrained_of_an_unconverted_model_is_untouched(tmp_path):
     model = GPT2LMHeadModel(gpt2_config()).eval()
-    install_save_pretrained(model, None)  # even if asked: there is nothing Kronecker to save
+    install_save_pretrained(model)  # even if asked: there is nothing Kronecker to save
     model.save_pretrained(tmp_path / "dense")
     assert torch.equal(logits(GPT2LMHeadModel.from_pretrained(tmp_path / "dense").eval()), logits(model))
 

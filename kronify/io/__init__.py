@@ -7,6 +7,10 @@ transformers model, its `config.json`. `save(model, "x.safetensors")` writes the
 (the record in its metadata). `load(model, path)` rebuilds the layout on a model the user built; for a
 transformers model, `from_pretrained("DIR")` builds it from config.json too. See `store.py` for the layout
 and `record.py` for the key names.
+
+A converted or loaded model remembers its KronConfig (`model.kronify_config`, as PEFT's `peft_config`;
+`remember_config`), so `save` stores it without being passed it, and a transformers model's `save_pretrained`
+writes a kronify save instead of a checkpoint transformers would load with random Kronecker layers.
 """
 
 from __future__ import annotations
@@ -19,23 +23,23 @@ import torch
 from torch import nn
 
 from kronify.apply import apply_plans
-from kronify.config import KronConfig
-from kronify.io.hf import build_model, install_save_pretrained, is_transformers_model, write_configs
+from kronify.config import CONFIG_ATTRIBUTE, KronConfig
+from kronify.io.hf import KronSavePretrained, build_model, install_save_pretrained, is_transformers_model, write_configs
 from kronify.io.record import file_keys, make_record, plans_from_record, record_config
 from kronify.io.store import CONFIG, WEIGHTS, check_target, is_directory, read_save, write_atomic, write_weights
 
-__all__ = ["from_pretrained", "load", "read_record", "save"]
+__all__ = ["forget_config", "from_pretrained", "load", "read_record", "remember_config", "save"]
 
 
 def save(model: nn.Module, path: str | os.PathLike, config: KronConfig | None = None, *,
          state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write `model`'s Kronecker layout and weights to `path`: a directory (an existing one, or any path not
-    ending in ".safetensors"), or a single `*.safetensors` file. `config` (the KronConfig) is stored with
-    them; `state_dict` replaces `model.state_dict()` (e.g. one gathered from FSDP). Into an existing
+    ending in ".safetensors"), or a single `*.safetensors` file. `config` (the KronConfig; default: the one
+    `model` was converted or loaded with) is stored with them; `state_dict` replaces `model.state_dict()` (e.g. one gathered from FSDP). Into an existing
     directory only kronify's files are written; a path holding another model's files is refused and nothing is
     overwritten. Each file is written atomically."""
     path = os.fspath(path)
-    record = make_record(model, config)
+    record = make_record(model, config if config is not None else getattr(model, CONFIG_ATTRIBUTE, None))
     check_target(path)
     keys = file_keys(model, record)
     state = model.state_dict() if state_dict is None else state_dict
@@ -89,8 +93,22 @@ def _load_into(model: nn.Module, record: dict, tensors: dict[str, torch.Tensor],
     except BaseException:
         undo.undo()
         raise
-    install_save_pretrained(model, config)
+    remember_config(model, config)
     return model
+
+
+def remember_config(model: nn.Module, config: KronConfig | None) -> None:
+    """Keep `config` on `model` (the attribute `kronify_config`), for `save`; route a transformers model's
+    `save_pretrained` through kronify. Instance attributes: nothing runs per forward, deepcopy carries them."""
+    setattr(model, CONFIG_ATTRIBUTE, config)
+    install_save_pretrained(model)
+
+
+def forget_config(model: nn.Module) -> None:
+    """Undo `remember_config` (kronify.merge: the model is plain again)."""
+    model.__dict__.pop(CONFIG_ATTRIBUTE, None)
+    if isinstance(model.__dict__.get("save_pretrained"), KronSavePretrained):
+        del model.__dict__["save_pretrained"]
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:

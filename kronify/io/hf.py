@@ -15,7 +15,6 @@ from typing import Any
 
 from torch import nn
 
-from kronify.config import KronConfig
 from kronify.io.store import write_atomic
 from kronify.parametrization import kron_parametrizations
 
@@ -70,14 +69,15 @@ def build_model(directory: str, model_class: Any = None) -> nn.Module:
 
 class KronSavePretrained:
     """`model.save_pretrained` of a converted transformers model (set on the instance by convert / load): while
-    the model has Kronecker layers it writes a kronify save (`kronify.save(model, directory, config)`), which
+    the model has Kronecker layers it writes a kronify save (`kronify.save(model, directory)`, with the config the
+    model remembers), which
     `kronify.from_pretrained(directory)` loads; once merged it is transformers' own save_pretrained again.
 
     Trainer's call (`state_dict=`, `is_main_process=`) is supported; arguments a kronify save cannot honour
     (push_to_hub, variant, distributed_checkpoint, ...) raise instead of being dropped."""
 
-    def __init__(self, model: nn.Module, config: KronConfig | None) -> None:
-        self.model, self.config = model, config
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
 
     def __call__(self, save_directory: str | os.PathLike, is_main_process: bool = True,
                  state_dict: dict | None = None, **kwargs: Any) -> None:
@@ -93,14 +93,14 @@ class KronSavePretrained:
         if is_main_process:
             from kronify.io import save  # here: kronify.io imports this module
 
-            save(model, save_directory, config=self.config, state_dict=state_dict)
+            save(model, save_directory, state_dict=state_dict)
 
     def __repr__(self) -> str:
         return f"<kronify save_pretrained of {type(self.model).__name__}>"
 
 
-def install_save_pretrained(model: nn.Module, config: KronConfig | None) -> None:
+def install_save_pretrained(model: nn.Module) -> None:
     """Route `model.save_pretrained` through kronify while it has Kronecker layers (transformers models only).
     An instance attribute: nothing runs per forward, and deepcopy carries it over to the copy."""
     if is_transformers_model(model):
-        model.save_pretrained = KronSavePretrained(model, config)
+        model.save_pretrained = KronSavePretrained(model)
