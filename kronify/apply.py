@@ -15,8 +15,9 @@ Both make a layer's factors in one place (`_fit`, KronParametrization.fit) and i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -55,15 +56,16 @@ def apply_plans(plans: list[Plan], warm_start: bool, read: Callable[[Target], Te
     """Fit every planned layer (from the model's own weights, or from the dense tensors `read(target)` gives, read
     one at a time: a checkpoint), then parametrize them all. Any failure leaves the model as it was and raises
     naming the layer; the returned `Undo` puts the model back later (kronify.io, the calibrated fit)."""
-    fits = [[_fit(t, plan.settings, (read or _dense)(t), warm_start) for t in plan.targets] for plan in plans]
+    fits = []
+    for plan in plans:
+        with _naming(plan):
+            fits.append([_fit(t, plan.settings, (read or _dense)(t), warm_start) for t in plan.targets])
     undo = Undo()
     try:
         for plan, layer in zip(plans, fits):
-            try:
+            with _naming(plan):
                 for fit in layer:
                     _install(fit, undo)
-            except Exception as e:
-                raise RuntimeError(f"converting {plan.row.name!r} ({plan.row.kind}) failed: {e}") from e
     except BaseException:
         undo.undo()
         raise
@@ -71,6 +73,15 @@ def apply_plans(plans: list[Plan], warm_start: bool, read: Callable[[Target], Te
         _report(plan, layer, warm_start)
     _finish(plans)
     return undo
+
+
+@contextmanager
+def _naming(plan: Plan) -> Iterator[None]:
+    """Re-raise an error in converting ``plan``'s layer as a RuntimeError that names the layer."""
+    try:
+        yield
+    except Exception as e:
+        raise RuntimeError(f"converting {plan.row.name!r} ({plan.row.kind}) failed: {e}") from e
 
 
 def _finish(plans: list[Plan]) -> None:

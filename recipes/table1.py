@@ -9,9 +9,10 @@ SwinMR, Kronecker SwinMR, MoDL and Kronecker MoDL, trained and tested on the sam
 
 A preset may run fewer rows by default (``Preset.table_rows``: the demo leaves out the DDPM U-Net and the
 complex-algebra row, which do not fit its time budget; ``--models unet_ddpm`` runs them). The compressed rows
-(kronify.mri.paper.COMPRESSED_ROWS: the trained dense U-Net and MoDL compressed by recipes/compress.py --budget 0.5)
-run after their dense rows have trained. Rows are independent
-runs: ``--jobs N`` (the demo's default: 2) trains N at a time, each in its own process (kronify.mri.experiments.jobs).
+(kronify.mri.experiments.table1.COMPRESSED: the trained dense U-Net and MoDL compressed by recipes/compress.py
+--budget 0.5) start as soon as their dense run has trained; those dense rows train first, then the others, longest
+first. Rows are runs:
+``--jobs N`` (the demo's default: 2) runs N at a time, each in its own process (kronify.mri.experiments.jobs).
 
 ``--protocol paper|fastmri`` (default: the preset's) is named in every table, row, figure title and JSON file.
 
@@ -40,8 +41,11 @@ from pathlib import Path
 from _common import add_arguments, data_of, default_out, resolve_jobs, resolve_preset, spec_of
 from kronify.mri.errors import RecipeError
 from kronify.mri.experiments.evaluate import zero_filled_metrics
-from kronify.mri.experiments.study import seed_list, seed_runs, train_pending
-from kronify.mri.experiments.compress import compress_pending
+from kronify.mri.experiments.compress import compress_tasks
+from kronify.mri.experiments.jobs import run_tasks
+from kronify.mri.experiments.presets import Preset
+from kronify.mri.experiments.run import RunSpec
+from kronify.mri.experiments.study import pending_training, seed_list, seed_runs
 from kronify.mri.experiments.table1 import COMPRESSED, COMPRESSED_SETTINGS, ROWS, Table1, select_rows, write_table
 from zoo.build import build_run_model, compress_models
 
@@ -92,15 +96,15 @@ def main(argv: list[str] | None = None) -> int:
                      if label in COMPRESSED else spec for label, spec in specs.items()}
             specs = {label: spec.at(spec.out_dir / spec.name) for label, spec in specs.items()}
             tick = _lap(phases, "data and zero-filled scores", tick)
-            runs = [(run, data) for label, spec in specs.items() if label not in COMPRESSED
-                    for run in seed_runs(spec, seeds)]
-            if not train_pending(runs, preset, build_run_model, jobs, zero_filled=zero_filled):
-                continue  # a non-zero rank in DDP: rank 0 writes the table
-            tick = _lap(phases, f"training and testing the runs ({jobs} at a time)", tick)
+            runs = [(run, data) for label in sorted(specs, key=lambda label: _start_order(label, specs[label], preset))
+                    if label not in COMPRESSED for run in seed_runs(specs[label], seeds)]
+            training = pending_training(runs, preset, build_run_model, jobs, zero_filled=zero_filled)
             pairs = [(specs[COMPRESSED[label]], spec) for label, spec in specs.items() if label in COMPRESSED]
-            if pairs:
-                compress_pending(pairs, seeds, models, jobs, COMPRESSED_SETTINGS, cache=args.cache_dir)
-                tick = _lap(phases, f"compressing the trained dense runs ({jobs} at a time)", tick)
+            compressing = compress_tasks(pairs, seeds, models, jobs, COMPRESSED_SETTINGS, cache=args.cache_dir,
+                                         after=training)
+            if not all(run_tasks([*training.values(), *compressing], jobs)[:len(training)]):
+                continue  # a non-zero rank in DDP: rank 0 writes the table
+            tick = _lap(phases, f"training, compressing and testing the runs ({jobs} at a time)", tick)
             table.add_acceleration(acc, data, specs, zero_filled)
         if not table.lines:
             return 0
@@ -111,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     return 0
+
+
+def _start_order(label: str, spec: RunSpec, preset: Preset) -> tuple[bool, int]:
+    """Which rows start first: the dense rows that compressed rows wait on, then the longest (most steps) first,
+    so that no long run starts last while the other workers sit idle."""
+    return label not in COMPRESSED.values(), -(spec.max_steps or preset.steps_for(spec.family))
 
 
 def _lap(phases: dict[str, float], name: str, since: float) -> float:

@@ -245,8 +245,9 @@ def test_a_failure_while_fitting_from_a_checkpoint_leaves_the_meta_model_untouch
     state = dense_state(llama())
     state["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")  # found only when its layer is read
     model = on_meta()
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(RuntimeError, match="converting 'model.layers.1.mlp.down_proj' .*non-finite") as caught:
         kronify.convert(model, n=2, warm_start=True, checkpoint=_write(tmp_path / "model.safetensors", state))
+    assert isinstance(caught.value.__cause__, ValueError)  # the fit's own error, with the layer named
     assert all_meta(model)
 
 

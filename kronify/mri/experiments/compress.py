@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import kronify
 from kronify.io import read_record
 from kronify.io.record import record_config
 from kronify.mri.errors import RecipeError, RunError
-from kronify.mri.experiments.jobs import run_calls
+from kronify.mri.experiments.jobs import Task
 from kronify.mri.experiments.presets import Preset, get_preset
 from kronify.mri.experiments.run import Hardware, RunSpec, train_and_test
 from kronify.mri.experiments.run_folder import RunRecord
@@ -42,7 +42,7 @@ from kronify.mri.training.checkpoint import last_checkpoint
 from kronify.mri.training.distill import DistillWeights, converted_layers
 from kronify.mri.training.wrappers import ZeroFilledStart
 
-__all__ = ["KRON_SAVE", "TARGETS", "CompressSettings", "ZooModels", "compress_pending", "compress_run",
+__all__ = ["KRON_SAVE", "TARGETS", "CompressSettings", "ZooModels", "compress_run", "compress_tasks",
            "load_compressed", "split_file_of"]
 
 #: The folder of a compressed run that holds its ``kronify.save``.
@@ -259,18 +259,23 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
-def compress_pending(pairs: Sequence[tuple[RunSpec, RunSpec]], seeds: Sequence[int], models: ZooModels,
-                     jobs: int = 1, settings: CompressSettings = CompressSettings(),
-                     cache: str | os.PathLike | None = None) -> None:
-    """For each (dense row, compressed row) and seed, compress the dense row's run of that seed into the compressed
-    row's folder (recipes/table1.py's compressed rows), ``jobs`` at a time; with ``resume`` (the compressed
-    spec's), finished runs are reused and unfinished ones continue."""
-    calls = []
+def compress_tasks(pairs: Sequence[tuple[RunSpec, RunSpec]], seeds: Sequence[int], models: ZooModels, jobs: int = 1,
+                   settings: CompressSettings = CompressSettings(), cache: str | os.PathLike | None = None,
+                   after: Mapping[Path, Task] | None = None) -> list[Task]:
+    """For each (dense row, compressed row) and seed, a task that compresses the dense row's run of that seed into
+    the compressed row's folder (recipes/table1.py's compressed rows; run them with
+    :func:`kronify.mri.experiments.jobs.run_tasks` and ``jobs``). A task waits on the task in ``after`` keyed by
+    its teacher's folder (the teacher's training), if there is one. With ``resume`` (the compressed spec's),
+    finished runs are reused (no task) and unfinished ones continue."""
+    after = after or {}
+    tasks = []
     for dense, compressed in pairs:
         for teacher, spec in zip(seed_runs(dense, seeds), seed_runs(compressed, seeds)):
             if reuses_finished_run(spec):
                 continue
             hardware = replace(spec.hardware, progress_bar=spec.hardware.progress_bar and jobs == 1)
-            calls.append(((teacher.out_dir, spec.out_dir, settings, models),
-                          {"seed": spec.seed, "hardware": hardware, "resume": spec.resume, "cache": cache}))
-    run_calls(compress_run, calls, jobs)
+            training = (after[teacher.out_dir],) if teacher.out_dir in after else ()
+            tasks.append(Task(compress_run, (teacher.out_dir, spec.out_dir, settings, models),
+                              {"seed": spec.seed, "hardware": hardware, "resume": spec.resume, "cache": cache},
+                              after=training))
+    return tasks

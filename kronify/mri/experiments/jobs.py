@@ -8,6 +8,10 @@ OpenMP threads have started can hang, and it runs ``torch.set_num_threads(thread
 
 :func:`machine_description` records where a result came from (CPU, cores, GPU, library versions, threads).
 
+Work that needs another's result first is a :class:`Task` with ``after`` (a compressed row waits for its dense
+teacher, recipes/table1.py): :func:`run_tasks` starts it as soon as those have finished, in the same pool, so it
+fills a worker that independent tasks would leave idle at the end.
+
 Every run is seeded by its own arguments, so a run's result does not depend on which worker ran it or when.
 """
 
@@ -17,16 +21,30 @@ import multiprocessing
 import os
 import platform
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["Call", "default_jobs", "machine_description", "run_calls", "threads_per_job"]
+__all__ = ["Call", "Task", "default_jobs", "machine_description", "run_calls", "run_tasks", "threads_per_job"]
 
 #: One function call: (positional arguments, keyword arguments).
 Call = tuple[Sequence[Any], Mapping[str, Any]]
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """``fn(*args, **kwargs)``, started only once every task in ``after`` (earlier in the same list) has finished.
+
+    A task whose ``after`` tasks returned an empty result (None, ``{}``: what a training run returns on a non-zero
+    DDP rank) is skipped and returns None: there is nothing to follow up on. Tasks compare by identity."""
+
+    fn: Callable[..., Any]
+    args: Sequence[Any] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    after: tuple[Task, ...] = ()
 
 
 def default_jobs(preferred: int) -> int:
@@ -45,26 +63,58 @@ def _set_threads(threads: int) -> None:
 
 
 def run_calls(fn: Callable[..., Any], calls: Sequence[Call], jobs: int = 1, threads: int | None = None) -> list[Any]:
-    """``[fn(*args, **kwargs) for args, kwargs in calls]``, ``jobs`` calls at a time in worker processes.
+    """``[fn(*args, **kwargs) for args, kwargs in calls]``, ``jobs`` calls at a time in worker processes
+    (:func:`run_tasks` of independent tasks)."""
+    return run_tasks([Task(fn, args, kwargs) for args, kwargs in calls], jobs, threads)
 
-    ``jobs`` <= 1 (or a single call) runs them here, in order. Otherwise ``fn`` and every argument must be
+
+def run_tasks(tasks: Sequence[Task], jobs: int = 1, threads: int | None = None) -> list[Any]:
+    """Each task's result, in the order of ``tasks``, running ``jobs`` at a time in worker processes.
+
+    ``jobs`` <= 1 (or a single task) runs them here, in order. Otherwise every ``fn`` and argument must be
     picklable (``fn`` importable by name) and each worker uses ``threads`` torch threads (default: this
-    process's threads divided among the jobs, at least one). Results come back in the order of ``calls``;
-    the first call that raises stops the calls not yet started and its exception is raised here after the
-    running ones finish.
+    process's threads divided among the jobs, at least one). A free worker takes the first ready task in list
+    order, a task that waited on others before one that did not, so follow-up work never queues behind
+    independent tasks. The first task that raises stops the tasks not yet started; its exception is raised
+    here after the running ones finish.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    if jobs == 1 or len(calls) <= 1:
-        return [fn(*args, **kwargs) for args, kwargs in calls]
+    position = {id(task): i for i, task in enumerate(tasks)}
+    for i, task in enumerate(tasks):
+        if any(position.get(id(before), i) >= i for before in task.after):
+            name = getattr(task.fn, "__name__", repr(task.fn))
+            raise ValueError(f"task {i} ({name}) waits on a task that does not come before it in the list")
+    results: dict[int, Any] = {}
+
+    def skipped(task: Task) -> bool:
+        return not all(results[position[id(before)]] for before in task.after)
+
+    if jobs == 1 or len(tasks) <= 1:
+        for i, task in enumerate(tasks):
+            results[i] = None if skipped(task) else task.fn(*task.args, **task.kwargs)
+        return [results[i] for i in range(len(tasks))]
     threads = threads or threads_per_job(jobs)
-    pool = ProcessPoolExecutor(min(jobs, len(calls)), mp_context=multiprocessing.get_context("spawn"),
+    pool = ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
                                initializer=_set_threads, initargs=(threads,))
+    waiting = list(range(len(tasks)))
+    running: dict[Future, int] = {}
     try:
-        futures = [pool.submit(fn, *args, **kwargs) for args, kwargs in calls]
-        return [future.result() for future in futures]
+        while waiting or running:
+            ready = [i for i in waiting if all(position[id(before)] in results for before in tasks[i].after)]
+            for i in sorted(ready, key=lambda i: not tasks[i].after)[:jobs - len(running)]:
+                waiting.remove(i)
+                if skipped(tasks[i]):
+                    results[i] = None
+                else:
+                    running[pool.submit(tasks[i].fn, *tasks[i].args, **tasks[i].kwargs)] = i
+            if running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    results[running.pop(future)] = future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+    return [results[i] for i in range(len(tasks))]
 
 
 def machine_description() -> str:

@@ -11,7 +11,8 @@
 - A :class:`RunSpec` (frozen: family, Kronecker n, algebra, name, acceleration, masks, seed, folder, hardware) is
   what the recipes send to worker processes; :func:`train_run` builds its model with a model factory (the
   recipes pass ``zoo.build.build_run_model``; kronify.mri never imports zoo) and runs :func:`train_and_test`;
-  :func:`train_runs` runs several, ``jobs`` at a time (:mod:`kronify.mri.experiments.jobs`).
+  :func:`train_runs` runs several, ``jobs`` at a time (:mod:`kronify.mri.experiments.jobs`; :func:`train_tasks`
+  gives them as tasks, for a caller that adds follow-up work).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 
 from kronify.mri.errors import RecipeError, RunFolderError
 from kronify.mri.experiments.evaluate import example_indices, reconstruct_examples, zero_filled_metrics
-from kronify.mri.experiments.jobs import run_calls
+from kronify.mri.experiments.jobs import Task, run_tasks
 from kronify.mri.experiments.presets import Preset
 from kronify.mri.experiments.run_folder import write_run
 from kronify.mri.experiments.setup import Data, MaskSettings, is_global_zero
@@ -40,7 +41,7 @@ from kronify.mri.training.data_module import ReconDataModule
 from kronify.mri.training.module import ReconModule
 from kronify.mri.training.trainer import make_trainer
 
-__all__ = ["Hardware", "ModelFactory", "RunSpec", "train_and_test", "train_run", "train_runs"]
+__all__ = ["Hardware", "ModelFactory", "RunSpec", "train_and_test", "train_run", "train_runs", "train_tasks"]
 
 
 @dataclass(frozen=True)
@@ -194,12 +195,17 @@ def train_run(spec: RunSpec, preset: Preset, data: Data, build: ModelFactory, *,
     return result
 
 
-def train_runs(runs: Sequence[tuple[RunSpec, Data]], preset: Preset, build: ModelFactory, jobs: int = 1, *,
-               zero_filled: MetricsAccumulator | None = None) -> list[dict[str, Any]]:
-    """:func:`train_run` for each (spec, data), ``jobs`` at a time, each in its own process
-    (:func:`kronify.mri.experiments.jobs.run_calls`); side-by-side runs show no progress bars, whose lines would
-    interleave. Returns the metrics.json contents in order ({} from a non-zero DDP rank)."""
+def train_tasks(runs: Sequence[tuple[RunSpec, Data]], preset: Preset, build: ModelFactory, jobs: int = 1, *,
+                zero_filled: MetricsAccumulator | None = None) -> list[Task]:
+    """One :func:`train_run` task per (spec, data), for :func:`kronify.mri.experiments.jobs.run_tasks` with
+    ``jobs``: side-by-side runs (``jobs`` > 1) show no progress bars, whose lines would interleave."""
     if jobs > 1:
         runs = [(replace(spec, hardware=replace(spec.hardware, progress_bar=False)), data) for spec, data in runs]
-    return run_calls(train_run, [((spec, preset, data, build), {"zero_filled": zero_filled}) for spec, data in runs],
-                     jobs)
+    return [Task(train_run, (spec, preset, data, build), {"zero_filled": zero_filled}) for spec, data in runs]
+
+
+def train_runs(runs: Sequence[tuple[RunSpec, Data]], preset: Preset, build: ModelFactory, jobs: int = 1, *,
+               zero_filled: MetricsAccumulator | None = None) -> list[dict[str, Any]]:
+    """:func:`train_run` for each (spec, data), ``jobs`` at a time, each in its own process (:func:`train_tasks`).
+    Returns the metrics.json contents in order ({} from a non-zero DDP rank)."""
+    return run_tasks(train_tasks(runs, preset, build, jobs, zero_filled=zero_filled), jobs)

@@ -4,7 +4,8 @@ as table rows and compared; what recipes/table1.py and recipes/data_efficiency.p
 A *run* is one finished run folder (:class:`~kronify.mri.experiments.run_folder.RunRecord`); a *row* is the same
 model trained with seeds ``s0, s0 + 1, ...``. With one seed a row is exactly its run (the folder layout of a
 single-seed table is unchanged); with several, seed ``s`` trains into ``<row dir>/seed<s>/``
-(:func:`seed_runs`). :func:`train_pending` trains the runs not finished yet, several at a time.
+(:func:`seed_runs`). :func:`train_pending` trains the runs not finished yet, several at a time
+(:func:`pending_training` gives them as tasks).
 
 :func:`row_over_seeds` reads the runs of a row: each metric's mean ± sample std over seeds
 (:func:`kronify.mri.experiments.statistics.summarize_seeds`) and each seed's per-volume values. :func:`compare_rows`
@@ -24,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from kronify.mri.experiments.presets import Preset
-from kronify.mri.experiments.run import ModelFactory, RunSpec, train_runs
+from kronify.mri.experiments.jobs import Task, run_tasks
+from kronify.mri.experiments.run import ModelFactory, RunSpec, train_tasks
 from kronify.mri.experiments.run_folder import RunRecord
 from kronify.mri.experiments.setup import Data
 from kronify.mri.metrics import MetricsAccumulator
@@ -38,7 +40,7 @@ from kronify.mri.experiments.statistics import (
 )
 
 __all__ = ["COMPARED_METRICS", "RowOverSeeds", "compare_rows", "compare_seed_means", "comparison_dicts",
-           "per_volume_values", "read_row", "reuses_finished_run", "row_over_seeds", "seed_list", "seed_run_dir",
+           "pending_training", "per_volume_values", "read_row", "reuses_finished_run", "row_over_seeds", "seed_list", "seed_run_dir",
            "seed_runs", "train_pending"]
 
 #: Metrics whose Kronecker-minus-dense difference the tables report (higher is better for both).
@@ -70,12 +72,20 @@ def seed_runs(spec: RunSpec, seeds: Sequence[int]) -> list[RunSpec]:
     return [spec.at(seed_run_dir(spec.out_dir, seed, len(seeds)), seed) for seed in seeds]
 
 
+def pending_training(runs: Sequence[tuple[RunSpec, Data]], preset: Preset, build: ModelFactory, jobs: int = 1, *,
+                     zero_filled: MetricsAccumulator | None = None) -> dict[Path, Task]:
+    """A training task (:func:`~kronify.mri.experiments.run.train_tasks`) for each run not finished yet, keyed by
+    its folder, in the order of ``runs``; a run with ``resume`` whose folder holds a finished run is reused."""
+    pending = [(spec, data) for spec, data in runs if not reuses_finished_run(spec)]
+    tasks = train_tasks(pending, preset, build, jobs, zero_filled=zero_filled)
+    return {spec.out_dir: task for (spec, _), task in zip(pending, tasks)}
+
+
 def train_pending(runs: Sequence[tuple[RunSpec, Data]], preset: Preset, build: ModelFactory, jobs: int = 1, *,
                   zero_filled: MetricsAccumulator | None = None) -> bool:
-    """Train (:func:`~kronify.mri.experiments.run.train_runs`) the runs that are not finished yet; a run with
-    ``resume`` whose folder holds a finished run is reused. False on a non-zero DDP rank (rank 0 writes tables)."""
-    pending = [(spec, data) for spec, data in runs if not reuses_finished_run(spec)]
-    return all(train_runs(pending, preset, build, jobs, zero_filled=zero_filled))
+    """Train the runs of :func:`pending_training`, ``jobs`` at a time. False on a non-zero DDP rank (rank 0
+    writes tables)."""
+    return all(run_tasks(list(pending_training(runs, preset, build, jobs, zero_filled=zero_filled).values()), jobs))
 
 
 def reuses_finished_run(spec: RunSpec) -> bool:

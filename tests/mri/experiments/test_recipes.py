@@ -141,7 +141,7 @@ def test_table1_tiny_writes_every_row(demo_root, tmp_path, protocol):
     assert compressed["params"] <= 0.55 * data["rows"][labels.index("U-Net (fastMRI)")]["params"]
     assert next(r for r in rows if r["Model"] == "Kronecker U-Net")["Paper SSIM (std)"] == "0.762 (0.075)"
     assert "Command: `python recipes/table1.py --tiny" in md and "Machine:" in md
-    assert "training and testing the runs (1 at a time)" in md  # the wall time's breakdown
+    assert "training, compressing and testing the runs (1 at a time)" in md  # the wall time's breakdown
     assert sum(data["phase_seconds"].values()) <= data["wall_seconds"] + 1e-6
     for png in ("comparison_4x.png", "curves_4x.png"):
         assert (out / png).stat().st_size > 1000
