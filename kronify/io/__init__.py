@@ -24,7 +24,8 @@ from torch import nn
 
 from kronify.apply import apply_plans
 from kronify.config import CONFIG_ATTRIBUTE, KronConfig
-from kronify.io.hf import KronSavePretrained, build_model, install_save_pretrained, is_transformers_model, write_configs
+from kronify.io.hf import (KronSavePretrained, build_model, install_save_pretrained, is_transformers_model,
+                           write_configs)
 from kronify.io.record import file_keys, make_record, plans_from_record, record_config
 from kronify.io.store import CONFIG, WEIGHTS, check_target, is_directory, read_save, write_atomic, write_weights
 
@@ -35,9 +36,9 @@ def save(model: nn.Module, path: str | os.PathLike, config: KronConfig | None = 
          state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write `model`'s Kronecker layout and weights to `path`: a directory (an existing one, or any path not
     ending in ".safetensors"), or a single `*.safetensors` file. `config` (the KronConfig; default: the one
-    `model` was converted or loaded with) is stored with them; `state_dict` replaces `model.state_dict()` (e.g. one gathered from FSDP). Into an existing
-    directory only kronify's files are written; a path holding another model's files is refused and nothing is
-    overwritten. Each file is written atomically."""
+    `model` was converted or loaded with) is stored with them; `state_dict` replaces `model.state_dict()` (e.g.
+    one gathered from FSDP). Into an existing directory only kronify's files are written; a path holding another
+    model's files is refused and nothing is overwritten. Each file is written atomically."""
     path = os.fspath(path)
     record = make_record(model, config if config is not None else getattr(model, CONFIG_ATTRIBUTE, None))
     check_target(path)

@@ -70,8 +70,8 @@ def build_model(directory: str, model_class: Any = None) -> nn.Module:
 class KronSavePretrained:
     """`model.save_pretrained` of a converted transformers model (set on the instance by convert / load): while
     the model has Kronecker layers it writes a kronify save (`kronify.save(model, directory)`, with the config the
-    model remembers), which
-    `kronify.from_pretrained(directory)` loads; once merged it is transformers' own save_pretrained again.
+    model remembers), which `kronify.from_pretrained(directory)` loads; once merged it is transformers' own
+    save_pretrained again.
 
     Trainer's call (`state_dict=`, `is_main_process=`) is supported; arguments a kronify save cannot honour
     (push_to_hub, variant, distributed_checkpoint, ...) raise instead of being dropped."""

@@ -40,8 +40,8 @@ from kronify.mri.experiments.statistics import (
 )
 
 __all__ = ["COMPARED_METRICS", "RowOverSeeds", "compare_rows", "compare_seed_means", "comparison_dicts",
-           "pending_training", "per_volume_values", "read_row", "reuses_finished_run", "row_over_seeds", "seed_list", "seed_run_dir",
-           "seed_runs", "train_pending"]
+           "pending_training", "per_volume_values", "read_row", "reuses_finished_run", "row_over_seeds", "seed_list",
+           "seed_run_dir", "seed_runs", "train_pending"]
 
 #: Metrics whose Kronecker-minus-dense difference the tables report (higher is better for both).
 COMPARED_METRICS = ("psnr", "ssim")
