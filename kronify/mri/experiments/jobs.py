@@ -102,16 +102,18 @@ def run_tasks(tasks: Sequence[Task], jobs: int = 1, threads: int | None = None) 
     try:
         while waiting or running:
             ready = [i for i in waiting if all(position[id(before)] in results for before in tasks[i].after)]
+            skips = [i for i in ready if skipped(tasks[i])]
+            for i in skips:  # done at once, without a worker; what waits on them may be ready now
+                waiting.remove(i)
+                results[i] = None
+            if skips:
+                continue
             for i in sorted(ready, key=lambda i: not tasks[i].after)[:jobs - len(running)]:
                 waiting.remove(i)
-                if skipped(tasks[i]):
-                    results[i] = None
-                else:
-                    running[pool.submit(tasks[i].fn, *tasks[i].args, **tasks[i].kwargs)] = i
-            if running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    results[running.pop(future)] = future.result()
+                running[pool.submit(tasks[i].fn, *tasks[i].args, **tasks[i].kwargs)] = i
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                results[running.pop(future)] = future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return [results[i] for i in range(len(tasks))]

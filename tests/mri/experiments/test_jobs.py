@@ -44,8 +44,9 @@ def test_a_task_starts_only_after_the_tasks_it_waits_on(tmp_path, jobs):
 def test_a_task_after_an_empty_result_is_skipped(jobs):
     # a training run returns {} on a non-zero DDP rank: its follow-up (which would raise here) must not run
     empty, full = Task(dict), Task(operator.add, (1, 2))
-    tasks = [empty, full, Task(math.sqrt, (-1.0,), after=(empty,)), Task(math.sqrt, (16.0,), after=(full,))]
-    assert run_tasks(tasks, jobs=jobs) == [{}, 3, None, 4.0]
+    skipped = Task(math.sqrt, (-1.0,), after=(empty,))
+    tasks = [empty, full, skipped, Task(math.sqrt, (16.0,), after=(full,)), Task(math.sqrt, (-4.0,), after=(skipped,))]
+    assert run_tasks(tasks, jobs=jobs) == [{}, 3, None, 4.0, None]  # a skipped task's follow-up is skipped too
 
 
 def test_a_task_must_come_after_the_tasks_it_waits_on():
