@@ -320,3 +320,17 @@ def test_a_presets_training_patches_apply_under_the_fastmri_protocol_too(demo_ro
     metrics = check_run(out, "swinmr_demo", 0)
     assert metrics["train_patch"] == 16 and metrics["protocol"] == "fastmri"
     assert metrics["n_slices"] >= 1  # scored on whole 32x32 slices (check_run: every metric finite)
+
+
+def test_table1_starts_the_teachers_of_compressed_rows_first_then_the_longest_rows():
+    import table1
+    from types import SimpleNamespace
+
+    from kronify.mri.experiments.presets import get_preset
+
+    demo = get_preset("demo")
+    rows = [(label, family) for label, family, *_ in table1.select_rows(None, demo)[1:] if label not in table1.COMPRESSED]
+    order = sorted(rows, key=lambda r: table1._start_order(r[0], SimpleNamespace(family=r[1], max_steps=None), demo))
+    steps = [demo.steps_for(family) for _, family in order[2:]]
+    assert [label for label, _ in order[:2]] == ["U-Net (fastMRI)", "MoDL"]  # the compressions wait on these two
+    assert steps == sorted(steps, reverse=True) and order[2][0] == "Kronecker U-Net (fastMRI)"  # then 1,600 steps
