@@ -11,8 +11,8 @@ A preset may run fewer rows by default (``Preset.table_rows``: the demo leaves o
 complex-algebra row, which do not fit its time budget; ``--models unet_ddpm`` runs them). The compressed rows
 (kronify.mri.experiments.table1.COMPRESSED: the trained dense U-Net and MoDL compressed by recipes/compress.py
 --budget 0.5) start as soon as their dense run has trained; those dense rows train first, then the others, longest
-first. Rows are runs:
-``--jobs N`` (the demo's default: 2) runs N at a time, each in its own process (kronify.mri.experiments.jobs).
+first. Rows are runs: ``--jobs N`` (the demo's default: 2) runs N at a time, each in its own process
+(kronify.mri.experiments.jobs).
 
 ``--protocol paper|fastmri`` (default: the preset's) is named in every table, row, figure title and JSON file.
 
