@@ -29,12 +29,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import kronify
-from kronify.io import read_record
-from kronify.io.record import record_config
+from kronify.config import CONFIG_ATTRIBUTE
 from kronify.mri.errors import RecipeError, RunError
 from kronify.mri.experiments.jobs import Task
 from kronify.mri.experiments.presets import Preset, get_preset
-from kronify.mri.experiments.run import Hardware, RunSpec, train_and_test
+from kronify.mri.experiments.run import Hardware, RunSpec, side_by_side, train_and_test
 from kronify.mri.experiments.run_folder import RunRecord
 from kronify.mri.experiments.setup import Data, MaskSettings, prepare_data
 from kronify.mri.experiments.study import reuses_finished_run, seed_runs
@@ -215,9 +214,9 @@ def compress_run(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, setti
     teacher = run.load_ema_weights(models.dense(family, preset))
     pl.seed_everything(seed, workers=True, verbose=False)
     save = out / KRON_SAVE
-    if resume and save.is_dir():  # the conversion saved before training: its model and its config
+    if resume and save.is_dir():  # the conversion saved before training: its model and (remembered by load) config
         student = load_compressed(RunRecord(out, {}), models.dense(family, preset))
-        report, config = None, record_config(read_record(save)[0], str(save))
+        report, config = None, getattr(student, CONFIG_ATTRIBUTE)
     else:
         student, report = _student(teacher, family, preset, settings, data, seed, models)
         config = report.config
@@ -273,9 +272,9 @@ def compress_tasks(pairs: Sequence[tuple[RunSpec, RunSpec]], seeds: Sequence[int
         for teacher, spec in zip(seed_runs(dense, seeds), seed_runs(compressed, seeds)):
             if reuses_finished_run(spec):
                 continue
-            hardware = replace(spec.hardware, progress_bar=spec.hardware.progress_bar and jobs == 1)
             training = (after[teacher.out_dir],) if teacher.out_dir in after else ()
             tasks.append(Task(compress_run, (teacher.out_dir, spec.out_dir, settings, models),
-                              {"seed": spec.seed, "hardware": hardware, "resume": spec.resume, "cache": cache},
+                              {"seed": spec.seed, "hardware": side_by_side(spec.hardware, jobs), "resume": spec.resume,
+                               "cache": cache},
                               after=training))
     return tasks

@@ -41,7 +41,8 @@ from kronify.mri.training.data_module import ReconDataModule
 from kronify.mri.training.module import ReconModule
 from kronify.mri.training.trainer import make_trainer
 
-__all__ = ["Hardware", "ModelFactory", "RunSpec", "train_and_test", "train_run", "train_runs", "train_tasks"]
+__all__ = ["Hardware", "ModelFactory", "RunSpec", "side_by_side", "train_and_test", "train_run", "train_runs",
+           "train_tasks"]
 
 
 @dataclass(frozen=True)
@@ -199,9 +200,14 @@ def train_tasks(runs: Sequence[tuple[RunSpec, Data]], preset: Preset, build: Mod
                 zero_filled: MetricsAccumulator | None = None) -> list[Task]:
     """One :func:`train_run` task per (spec, data), for :func:`kronify.mri.experiments.jobs.run_tasks` with
     ``jobs``: side-by-side runs (``jobs`` > 1) show no progress bars, whose lines would interleave."""
-    if jobs > 1:
-        runs = [(replace(spec, hardware=replace(spec.hardware, progress_bar=False)), data) for spec, data in runs]
-    return [Task(train_run, (spec, preset, data, build), {"zero_filled": zero_filled}) for spec, data in runs]
+    return [Task(train_run, (replace(spec, hardware=side_by_side(spec.hardware, jobs)), preset, data, build),
+                 {"zero_filled": zero_filled}) for spec, data in runs]
+
+
+def side_by_side(hardware: Hardware, jobs: int) -> Hardware:
+    """``hardware`` for one of ``jobs`` runs going at once: no progress bar when ``jobs`` > 1 (the bars' lines
+    would interleave)."""
+    return replace(hardware, progress_bar=hardware.progress_bar and jobs == 1)
 
 
 def train_runs(runs: Sequence[tuple[RunSpec, Data]], preset: Preset, build: ModelFactory, jobs: int = 1, *,
