@@ -35,7 +35,7 @@ from kronify.mri.experiments.jobs import Task
 from kronify.mri.experiments.presets import Preset, get_preset
 from kronify.mri.experiments.run import Hardware, RunSpec, side_by_side, train_and_test
 from kronify.mri.experiments.run_folder import RunRecord
-from kronify.mri.experiments.setup import Data, MaskSettings, prepare_data
+from kronify.mri.experiments.setup import Data, MaskSettings, is_global_zero, prepare_data
 from kronify.mri.experiments.study import reuses_finished_run, seed_runs
 from kronify.mri.training.checkpoint import last_checkpoint
 from kronify.mri.training.distill import DistillWeights, converted_layers
@@ -199,14 +199,19 @@ def compress_run(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, setti
                  preset_name: str | None = None, protocol: str | None = None, precision: str | None = None,
                  cache: str | os.PathLike | None = None) -> dict[str, Any]:
     """Compress the dense run in ``dense_dir`` into ``out_dir`` (see the module docstring); returns the new run's
-    metrics.json content. Every check (the run is dense and finished, its preset and protocol are the ones asked
-    for, ``out_dir`` holds no run unless ``resume``) runs before anything is written. ``precision`` None: the
-    preset's."""
+    metrics.json content ({} on a non-zero DDP rank). Every check (the run is dense and finished, its preset and
+    protocol are the ones asked for, ``out_dir`` holds no run unless ``resume``) runs before anything is written.
+    ``precision`` None: the preset's.
+
+    Under DDP every rank converts the teacher itself (the same seed and calibration batches give the same model;
+    DDP starts every rank from rank 0's weights), so no rank waits for another's files; only rank 0 writes."""
     settings.check()
     run = RunRecord.open(dense_dir)
     preset = _check_teacher(run, preset_name, protocol)
     out = Path(out_dir)
-    _check_out(out, run, resume)
+    rank_zero = is_global_zero()  # under DDP every rank compresses the same way; rank 0 checks and writes
+    if rank_zero:
+        _check_out(out, run, resume)
     family = run.info["family"]
     dense_steps = int(run.info.get("steps") or preset.steps_for(family))
     steps = settings.steps if settings.steps is not None else max(1, round(DEFAULT_FRACTION * dense_steps))
@@ -220,7 +225,8 @@ def compress_run(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, setti
     else:
         student, report = _student(teacher, family, preset, settings, data, seed, models)
         config = report.config
-        kronify.save(student, save, config)
+        if rank_zero:
+            kronify.save(student, save, config)
     teacher_weight, target_weight = TARGETS[settings.target]
     weights = DistillWeights(teacher_weight, target_weight, settings.features,
                              tuple(converted_layers(student)) if settings.features > 0 else ())

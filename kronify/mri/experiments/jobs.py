@@ -37,9 +37,7 @@ Call = tuple[Sequence[Any], Mapping[str, Any]]
 @dataclass(frozen=True, eq=False)
 class Task:
     """``fn(*args, **kwargs)``, started only once every task in ``after`` (earlier in the same list) has finished.
-
-    A task whose ``after`` tasks returned an empty result (None, ``{}``: what a training run returns on a non-zero
-    DDP rank) is skipped and returns None: there is nothing to follow up on. Tasks compare by identity."""
+    Tasks compare by identity."""
 
     fn: Callable[..., Any]
     args: Sequence[Any] = ()
@@ -85,29 +83,17 @@ def run_tasks(tasks: Sequence[Task], jobs: int = 1, threads: int | None = None) 
         if any(position.get(id(before), i) >= i for before in task.after):
             name = getattr(task.fn, "__name__", repr(task.fn))
             raise ValueError(f"task {i} ({name}) waits on a task that does not come before it in the list")
-    results: dict[int, Any] = {}
-
-    def skipped(task: Task) -> bool:
-        return not all(results[position[id(before)]] for before in task.after)
-
     if jobs == 1 or len(tasks) <= 1:
-        for i, task in enumerate(tasks):
-            results[i] = None if skipped(task) else task.fn(*task.args, **task.kwargs)
-        return [results[i] for i in range(len(tasks))]
+        return [task.fn(*task.args, **task.kwargs) for task in tasks]
     threads = threads or threads_per_job(jobs)
     pool = ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
                                initializer=_set_threads, initargs=(threads,))
+    results: dict[int, Any] = {}
     waiting = list(range(len(tasks)))
     running: dict[Future, int] = {}
     try:
         while waiting or running:
             ready = [i for i in waiting if all(position[id(before)] in results for before in tasks[i].after)]
-            skips = [i for i in ready if skipped(tasks[i])]
-            for i in skips:  # done at once, without a worker; what waits on them may be ready now
-                waiting.remove(i)
-                results[i] = None
-            if skips:
-                continue
             for i in sorted(ready, key=lambda i: not tasks[i].after)[:jobs - len(running)]:
                 waiting.remove(i)
                 running[pool.submit(tasks[i].fn, *tasks[i].args, **tasks[i].kwargs)] = i

@@ -103,7 +103,8 @@ def train_and_test(
     distill: DistillWeights | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``datasets["train"]`` (validating on ``"val"``), test its EMA weights on ``"test"`` and
-    write the run into ``out_dir``; returns the metrics.json content ({} on a non-zero DDP rank).
+    write the run into ``out_dir``; returns the metrics.json content ({} on a non-zero DDP rank, once rank 0 has
+    written the run, so that work after it on any rank can read it).
 
     ``family`` picks the preset's step count and training patches (its :class:`~kronify.mri.experiments.presets.ModelSpec`);
     ``max_steps`` overrides the steps. ``resume`` continues from ``out_dir``'s last checkpoint; without it a
@@ -149,23 +150,27 @@ def train_and_test(
     if max_steps == 0:
         trainer.save_checkpoint(out_dir / "checkpoints" / LAST)  # the EMA weights, for recipes/evaluate.py
     if not trainer.is_global_zero:
+        trainer.strategy.barrier("run written")  # so that what follows on this rank can read rank 0's run
         return {}
-    test = datasets["test"]
-    examples = reconstruct_examples(module.ema.module.eval(), test, example_indices(test))
-    if zero_filled is None:
-        zero_filled = zero_filled_metrics(test, preset.eval_batch_size)
-    run_info = {
-        "family": family, "train_seconds": module.train_seconds, "steps": trainer.global_step,
-        "preset": preset.name, "batch_size": preset.batch_size, "lr": preset.lr,
-        "loss": {"alpha": preset.alpha, "beta": preset.beta, "gamma": preset.gamma},
-        "world_size": trainer.world_size, "test_files": test.files,  # for recipes/evaluate.py
-        "phase_augment": preset.phase_augment, "zero_filled_start": preset.zero_filled_start,
-        "augment": preset.augment.describe() if preset.augment is not None else "off", "train_patch": patch,
-        "metrics_over": "slices" if protocol.metric_scope == "slice" else "volumes",
-        **(info or {}),
-    }
-    return write_run(out_dir, run_info, module.test_metrics, examples, zero_filled=zero_filled,
+    try:
+        test = datasets["test"]
+        examples = reconstruct_examples(module.ema.module.eval(), test, example_indices(test))
+        if zero_filled is None:
+            zero_filled = zero_filled_metrics(test, preset.eval_batch_size)
+        run_info = {
+            "family": family, "train_seconds": module.train_seconds, "steps": trainer.global_step,
+            "preset": preset.name, "batch_size": preset.batch_size, "lr": preset.lr,
+            "loss": {"alpha": preset.alpha, "beta": preset.beta, "gamma": preset.gamma},
+            "world_size": trainer.world_size, "test_files": test.files,  # for recipes/evaluate.py
+            "phase_augment": preset.phase_augment, "zero_filled_start": preset.zero_filled_start,
+            "augment": preset.augment.describe() if preset.augment is not None else "off", "train_patch": patch,
+            "metrics_over": "slices" if protocol.metric_scope == "slice" else "volumes",
+            **(info or {}),
+        }
+        return write_run(out_dir, run_info, module.test_metrics, examples, zero_filled=zero_filled,
                          history=module.history)
+    finally:
+        trainer.strategy.barrier("run written")
 
 
 def train_run(spec: RunSpec, preset: Preset, data: Data, build: ModelFactory, *,
