@@ -6,7 +6,7 @@
 
 RUN is a finished dense run of any family (a recipe's or table1's run folder). Its Kronecker copy is warm-started
 from its EMA weights (calibrated on training slices; ``--warm-start weights``: the nearest Kronecker sum), then
-trained to follow it for ``--steps`` (default: 20 % of the dense run's) under the run's own preset, protocol,
+trained to follow it for ``--steps`` (default: ``--fraction`` 0.2 of the dense run's) under the run's own preset, protocol,
 masks and split, and tested. OUT is a normal run folder (``recipes/evaluate.py``, tables and the seeds tooling
 read it) plus OUT/kron/ (``kronify.save``); metrics.json records the teacher and the compression settings. The
 orchestration is kronify.mri.experiments.compress.compress_run.
@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from kronify.mri.errors import DataError, RecipeError, RunError
-from kronify.mri.experiments.compress import DEFAULT_FRACTION, TARGETS, CompressSettings, compress_run
+from kronify.mri.experiments.compress import TARGETS, CompressSettings, compress_run
 from kronify.mri.experiments.presets import PRESETS
 from kronify.mri.protocol import PROTOCOLS
 from _common import add_hardware_arguments, hardware_of
@@ -37,8 +37,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     size.add_argument("--kron-n", type=int, default=DEFAULTS.kron_n, help="Kronecker n of every converted layer")
     size.add_argument("--budget", type=float, default=None,
                       help="keep this fraction of the parameters (0-1), more terms where the layers need them")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"distillation steps (default: {DEFAULT_FRACTION:.0%} of the dense run's; 0: warm start only)")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="distillation steps (0: the warm start alone, tested)")
+    length.add_argument("--fraction", type=float, default=DEFAULTS.fraction,
+                        help="distillation steps as a fraction of the dense run's (when --steps is not given)")
     parser.add_argument("--warm-start", choices=("calibrated", "weights"), default=DEFAULTS.warm_start,
                         help="fit the factors to the layers' inputs on training slices, or to the weights alone")
     parser.add_argument("--calibration-batches", type=int, default=DEFAULTS.calibration_batches,
@@ -64,8 +66,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
 def main(argv: Sequence[str] | None = None) -> int:
     parser, args = parse_args(argv)
     settings = CompressSettings(kron_n=args.kron_n, budget=args.budget, warm_start=args.warm_start,
-                                calibration_batches=args.calibration_batches, steps=args.steps, target=args.target,
-                                features=args.features, lr=args.lr)
+                                calibration_batches=args.calibration_batches, steps=args.steps, fraction=args.fraction,
+                                target=args.target, features=args.features, lr=args.lr)
     try:
         result = compress_run(args.run, args.out, settings, compress_models(), seed=args.seed,
                               hardware=hardware_of(args), resume=args.resume, preset_name=args.preset,

@@ -4,6 +4,7 @@
     python recipes/table1.py --preset demo --models unet,swinmr,modl --seeds 3 --out RUNS_ROOT   # teachers, scratch
     python -m benchmarks.compress.mri study --table RUNS_ROOT --seeds 3 [--unseen DATA]   # the rows of the study
     python -m benchmarks.compress.mri choices --table RUNS_ROOT --seeds 2 --out STUDY_OUT  # one change at a time
+    python -m benchmarks.compress.mri cost --table RUNS_ROOT --seeds 3 --out STUDY_OUT  # fewer steps, batches
 
 Seed s of every compressed row starts from seed s of the dense run and is compared with it (and with seed s of
 the Kronecker model trained from scratch): the volume-paired comparison of the rows' per-volume PSNR averaged
@@ -36,7 +37,9 @@ FAMILIES = {"unet": "unet_demo", "modl": "modl_demo", "swinmr": "swinmr_demo"}
 STUDY_FRACTIONS = (0.05, 0.10, 0.20)
 BUDGET_ROW = "budget 0.5 + distilled 20%"  # distilled from the teacher alone
 BOTH_ROW = "budget 0.5 + distilled 20%, teacher + ground truth"  # the setting make demo's compressed rows use
-UNSEEN_ROWS = ("calibrated + distilled 20%", BUDGET_ROW, BOTH_ROW)  # also scored on --unseen
+#: make demo's compressed rows (kronify.mri.experiments.table1.COMPRESSED_SETTINGS), from the cost mode
+DEMO_ROW = "budget 0.5 + distilled 10%, teacher + ground truth, 8 calibration batches"
+UNSEEN_ROWS = ("calibrated + distilled 20%", BUDGET_ROW, BOTH_ROW, DEMO_ROW)  # also scored on --unseen
 
 
 def study_rows(scratch_steps: int) -> dict[str, CompressSettings]:
@@ -62,6 +65,19 @@ def choice_rows(scratch_steps: int) -> dict[str, CompressSettings]:
             "lr 3e-4": replace(base, lr=3e-4),
             "lr 3e-3": replace(base, lr=3e-3),
             "weight-only warm start": replace(base, warm_start="weights")}
+
+
+def cost_rows(scratch_steps: int) -> dict[str, CompressSettings]:
+    """What a cheaper ``make demo`` compression would cost in quality: ``BOTH_ROW`` distilled for fewer steps and
+    calibrated on fewer batches (the conversion's time is nearly all the calibration batches' input moments)."""
+    base = CompressSettings(target="both", budget=0.5)
+    rows = {BOTH_ROW: replace(base, steps=round(0.2 * scratch_steps))}
+    for f in (0.05, 0.10):
+        rows[f"budget 0.5 + distilled {f:.0%}, teacher + ground truth"] = replace(base, steps=round(f * scratch_steps))
+    rows[DEMO_ROW] = replace(base, steps=round(0.1 * scratch_steps), calibration_batches=8)
+    rows["budget 0.5 + distilled 20%, teacher + ground truth, 8 calibration batches"] = replace(
+        base, steps=round(0.2 * scratch_steps), calibration_batches=8)
+    return rows
 
 
 def unseen_rows(compressed: dict[str, list[Path]]) -> list[Path]:
@@ -116,7 +132,7 @@ def run(table: Path, out: Path, seeds: list[int], mode: str, jobs: int, unseen: 
         dense = [seed_dir(runs_root / name, s) for s in seeds]
         scratch = [seed_dir(runs_root / f"kron_{name}", s) for s in seeds]
         steps = int(RunRecord.read(scratch[0]).info["steps"])
-        grid = study_rows(steps) if mode == "study" else choice_rows(steps)
+        grid = {"study": study_rows, "choices": choice_rows, "cost": cost_rows}[mode](steps)
         rows[family] = {"dense": dense, "scratch": scratch, "compressed": {}}
         for label, settings in grid.items():
             dirs = [out / "runs" / family / slug(label) / f"seed{s}" for s in seeds]
@@ -135,7 +151,9 @@ def run(table: Path, out: Path, seeds: list[int], mode: str, jobs: int, unseen: 
             row = row_over_seeds(dirs, seeds)
             entry["rows"][label] = {**row.as_dict(), "params": row.first["params"], "steps": row.first["steps"],
                                     "vs_dense": _compare(row, dense), "vs_scratch": _compare(row, scratch),
-                                    "compression": row.first["compression"]}
+                                    "compression": row.first["compression"],
+                                    "convert_seconds": [r["compression"].get("convert_seconds") for r in row.runs],
+                                    "train_seconds": [r["train_seconds"] for r in row.runs]}
         entry["scratch_vs_dense"] = _compare(scratch, dense)
         if unseen is not None:
             kinds = {"dense": fam["dense"], "scratch": fam["scratch"],
@@ -155,12 +173,13 @@ def markdown(result: dict[str, Any]) -> str:
                   f"Dense {d['mean']:.2f} ± {d['std']:.2f} dB; Kronecker from scratch {s['mean']:.2f} ± "
                   f"{s['std']:.2f} dB ({_cell(entry['scratch_vs_dense'])} vs dense).", "",
                   "| Row | Params | Steps | PSNR (dB, mean ± std over seeds) | SSIM | − dense (dB) [95 % t-CI over "
-                  "volumes], Wilcoxon p, paired t over seeds p | − from scratch (dB) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "volumes], Wilcoxon p, paired t over seeds p | − from scratch (dB) | Seconds: convert + distill |",
+                  "|---|---|---|---|---|---|---|---|"]
         for label, r in entry["rows"].items():
             p, q = r["over_seeds"]["psnr"], r["over_seeds"]["ssim"]
             lines.append(f"| {label} | {r['params']:,} | {r['steps']} | {p['mean']:.2f} ± {p['std']:.2f} | "
-                         f"{fmt(q['mean'])} ± {fmt(q['std'])} | {_cell(r['vs_dense'])} | {_cell(r['vs_scratch'])} |")
+                         f"{fmt(q['mean'])} ± {fmt(q['std'])} | {_cell(r['vs_dense'])} | {_cell(r['vs_scratch'])} | "
+                         f"{_seconds(r)} |")
         if "unseen" in entry:
             lines += ["", "Unseen anatomy (PSNR per seed, dB): " + "; ".join(
                 f"{k} {' / '.join(f'{v:.2f}' for v in vals)}" for k, vals in entry["unseen"].items())]
@@ -168,9 +187,16 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _seconds(row: dict[str, Any]) -> str:
+    """Mean conversion and distillation seconds over the seeds (conversion: "?" for runs that predate its record)."""
+    convert = [c for c in row["convert_seconds"] if c is not None]
+    convert_mean = f"{sum(convert) / len(convert):.0f}" if len(convert) == len(row["convert_seconds"]) else "?"
+    return f"{convert_mean} + {sum(row['train_seconds']) / len(row['train_seconds']):.0f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=("study", "choices"))
+    ap.add_argument("mode", choices=("study", "choices", "cost"))
     ap.add_argument("--table", type=Path, required=True, help="a table1 output folder with the dense and scratch runs")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None, help="default out/compress/mri-<mode>")

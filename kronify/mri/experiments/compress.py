@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -60,7 +61,7 @@ class CompressSettings:
     keeps that fraction of the dense parameters, with more terms where the calibrated error says a layer needs
     them (``kronify.convert(budget=)``). ``warm_start``: ``calibrated`` (fit to the layers' inputs on
     ``calibration_batches`` training batches) or ``weights`` (the nearest Kronecker sum). ``steps``: distillation
-    steps (None: ``DEFAULT_FRACTION`` of the dense run's; 0: the warm start alone). ``target``: a key of
+    steps (None: ``fraction`` of the dense run's, at least 1; 0: the warm start alone). ``target``: a key of
     :data:`TARGETS` (default both: in the study it was never worse than the teacher alone and closed MoDL's gap,
     docs/results/compress_trained.md); ``features``: the weight of matching every converted layer's output.
     ``lr`` None: the preset's.
@@ -71,6 +72,7 @@ class CompressSettings:
     warm_start: str = "calibrated"
     calibration_batches: int = 32
     steps: int | None = None
+    fraction: float = DEFAULT_FRACTION
     target: str = "both"
     features: float = 0.0
     lr: float | None = None
@@ -87,6 +89,8 @@ class CompressSettings:
             raise RecipeError(f"--calibration-batches must be >= 1, got {self.calibration_batches}")
         if self.steps is not None and self.steps < 0:
             raise RecipeError(f"--steps must be >= 0, got {self.steps}")
+        if not 0 < self.fraction <= 1:
+            raise RecipeError(f"--fraction must lie in (0, 1], got {self.fraction}")
         if self.target not in TARGETS:
             raise RecipeError(f"--target must be one of {sorted(TARGETS)}, got {self.target!r}")
         if self.features < 0 or (self.lr is not None and self.lr <= 0):
@@ -214,16 +218,18 @@ def compress_run(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, setti
         _check_out(out, run, resume)
     family = run.info["family"]
     dense_steps = int(run.info.get("steps") or preset.steps_for(family))
-    steps = settings.steps if settings.steps is not None else max(1, round(DEFAULT_FRACTION * dense_steps))
+    steps = settings.steps if settings.steps is not None else max(1, round(settings.fraction * dense_steps))
     data = _teacher_data(run, preset, cache)
     teacher = run.load_ema_weights(models.dense(family, preset))
     pl.seed_everything(seed, workers=True, verbose=False)
     save = out / KRON_SAVE
     if resume and save.is_dir():  # the conversion saved before training: its model and (remembered by load) config
         student = load_compressed(RunRecord(out, {}), models.dense(family, preset))
-        report, config = None, getattr(student, CONFIG_ATTRIBUTE)
+        report, config, convert_seconds = None, getattr(student, CONFIG_ATTRIBUTE), None
     else:
+        started = time.perf_counter()
         student, report = _student(teacher, family, preset, settings, data, seed, models)
+        convert_seconds = time.perf_counter() - started
         config = report.config
         if rank_zero:
             kronify.save(student, save, config)
@@ -235,6 +241,7 @@ def compress_run(dense_dir: str | os.PathLike, out_dir: str | os.PathLike, setti
         **asdict(settings), "steps": steps, "teacher": str(run.path), "teacher_model": run.model,
         "teacher_steps": dense_steps, "teacher_params": run.info.get("params"), "fraction_of_dense_steps": steps / dense_steps,
         "teacher_psnr": run.mean("psnr"), "teacher_ssim": run.mean("ssim"), "distill": weights.as_dict(),
+        "convert_seconds": convert_seconds,  # the calibrated warm start (None: resumed from kron/)
         **({} if report is None else _fit_summary(report)),
     }
     info = {"model": name, "kron_n": settings.kron_n, "algebra": "learned", "acceleration": run.info["acceleration"],

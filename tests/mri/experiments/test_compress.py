@@ -63,7 +63,7 @@ def test_compressed_run_folder(compressed, dense_run):
     assert info["family"] == "unet" and info["kron_n"] == 2 and info["preset"] == "tiny"
     c = info["compression"]
     assert c["teacher"] == str(dense_run.resolve()) and c["teacher_steps"] == teacher["steps"]
-    assert c["warm_start"] == "calibrated" and c["output_error_mean"] is not None
+    assert c["warm_start"] == "calibrated" and c["output_error_mean"] is not None and c["convert_seconds"] > 0
     assert c["target"] == "both" and c["distill"]["teacher"] == c["distill"]["target"] == 0.5  # the default
     assert (compressed / KRON_SAVE / "kronify_config.json").is_file()
     assert (compressed / "checkpoints" / "last.ckpt").is_file() and info["test_files"] == teacher["test_files"]
@@ -106,10 +106,11 @@ def test_weight_only_warm_start_is_the_nearest_kronecker_sum(dense_run, tmp_path
 
 def test_budget_run_rebuilds_from_its_save(dense_run, tmp_path):
     out = tmp_path / "b"
-    assert run_recipe("compress", ["--run", str(dense_run), "--out", str(out), "--budget", "0.5", "--steps", "1",
+    assert run_recipe("compress", ["--run", str(dense_run), "--out", str(out), "--budget", "0.5", "--fraction", "0.5",
                                    "--calibration-batches", "2", "--no-progress"]) == 0
     info = json.loads((out / "metrics.json").read_text())
     assert info["compression"]["budget"] == 0.5 and info["model"].endswith("_budget0.5")
+    assert info["steps"] == max(1, round(0.5 * info["compression"]["teacher_steps"]))
     assert info["params"] <= 0.55 * info["compression"]["teacher_params"]
     config = read_record(out / KRON_SAVE)[0]["config"]  # the final save keeps the budget's per-layer choices
     assert config is not None and config["overrides"]
@@ -185,6 +186,6 @@ def test_feature_matching_needs_layers_and_checks_names():
 
 def test_settings_are_checked_before_anything_runs():
     for bad in (dict(kron_n=1), dict(budget=0.0), dict(steps=-1), dict(target="x"), dict(calibration_batches=0),
-                dict(warm_start="x"), dict(lr=0.0)):
+                dict(warm_start="x"), dict(lr=0.0), dict(fraction=0.0), dict(fraction=1.5)):
         with pytest.raises(Exception, match="--"):
             CompressSettings(**bad).check()

@@ -133,7 +133,7 @@ def test_table1_tiny_writes_every_row(demo_root, tmp_path, protocol):
     assert bool(list(out.glob("mask_*.npy"))) == (protocol == "paper")  # the fixed mask is saved with the run
     zero = rows[0]
     assert zero["Params (M)"] == "-" and zero["Paper PSNR (std)"] == "22.75 (1.73)"
-    # compressed rows distil for 20 % of their teacher's 2 steps (at least 1)
+    # compressed rows distil for 10 % of their teacher's 2 steps (at least 1)
     assert all(r["Params (M)"] != "-" and r["Steps"] == ("1" if r["Model"] in table1.COMPRESSED else "2")
                for r in rows[1:])
     compressed = data["rows"][labels.index("Kron U-Net (compressed from the trained U-Net)")]
