@@ -56,10 +56,9 @@ __all__ = ["COLUMNS", "COMPRESSED", "COMPRESSED_SETTINGS", "Row", "Table1", "den
 Row = tuple[str, "str | None", int, str]
 #: Compressed row label -> the dense row it is compressed from (kronify.mri.paper.COMPRESSED_ROWS).
 COMPRESSED: dict[str, str] = dict(COMPRESSED_ROWS)
-#: How the compressed rows are made: ½ of the parameters, terms where the calibrated error needs them (calibrated on
-#: 8 training batches), distilled from the teacher and the ground truth for 10 % of the teacher's steps. Over 3 seeds
-#: this matched dense U-Net and MoDL as closely as 32 batches and 20 % of the steps, at under half the cost
-#: (docs/results/compress_trained.md, "MRI").
+#: How the compressed rows are made: ½ of the parameters, calibrated on 8 batches, distilled from the teacher and the
+#: ground truth for 10 % of its steps: as close to dense U-Net and MoDL as 32 batches and 20 % were, over 3 seeds,
+#: at under half the cost (docs/results/compress_trained.md, "MRI", "Cost").
 COMPRESSED_SETTINGS = CompressSettings(budget=0.5, target="both", fraction=0.1, calibration_batches=8)
 
 
