@@ -5,6 +5,7 @@
     python -m benchmarks.compress.mri study --table RUNS_ROOT --seeds 3 [--unseen DATA]   # the rows of the study
     python -m benchmarks.compress.mri choices --table RUNS_ROOT --seeds 2 --out STUDY_OUT  # one change at a time
     python -m benchmarks.compress.mri cost --table RUNS_ROOT --seeds 3 --out STUDY_OUT  # fewer steps, batches
+    python -m benchmarks.compress.mri matched --table RUNS_ROOT --seeds 3 --families swinmr --out STUDY_OUT
 
 Seed s of every compressed row starts from seed s of the dense run and is compared with it (and with seed s of
 the Kronecker model trained from scratch): the volume-paired comparison of the rows' per-volume PSNR averaged
@@ -39,7 +40,9 @@ BUDGET_ROW = "budget 0.5 + distilled 20%"  # distilled from the teacher alone
 BOTH_ROW = "budget 0.5 + distilled 20%, teacher + ground truth"  # the setting make demo's compressed rows use
 #: make demo's compressed rows (kronify.mri.experiments.table1.COMPRESSED_SETTINGS), from the cost mode
 DEMO_ROW = "budget 0.5 + distilled 10%, teacher + ground truth, 8 calibration batches"
-UNSEEN_ROWS = ("calibrated + distilled 20%", BUDGET_ROW, BOTH_ROW, DEMO_ROW)  # also scored on --unseen
+#: BOTH_ROW at the parameter count of the Kronecker model trained from scratch (the matched mode)
+MATCHED_ROW = "budget = the from-scratch Kronecker model's size + distilled 20%, teacher + ground truth"
+UNSEEN_ROWS = ("calibrated + distilled 20%", BUDGET_ROW, BOTH_ROW, DEMO_ROW, MATCHED_ROW)  # also scored on --unseen
 
 
 def study_rows(scratch_steps: int) -> dict[str, CompressSettings]:
@@ -78,6 +81,13 @@ def cost_rows(scratch_steps: int) -> dict[str, CompressSettings]:
     rows["budget 0.5 + distilled 20%, teacher + ground truth, 8 calibration batches"] = replace(
         base, steps=round(0.2 * scratch_steps), calibration_batches=8)
     return rows
+
+
+def matched_rows(scratch_steps: int, size: float) -> dict[str, CompressSettings]:
+    """``BOTH_ROW`` against the same at ``size``, the from-scratch Kronecker model's share of the dense parameters:
+    a model whose norms and tables stay dense (SwinMR) has its from-scratch Kronecker model above ½ of them."""
+    both = CompressSettings(target="both", budget=0.5, steps=round(0.2 * scratch_steps))
+    return {BOTH_ROW: both, MATCHED_ROW: replace(both, budget=round(size, 4))}
 
 
 def unseen_rows(compressed: dict[str, list[Path]]) -> list[Path]:
@@ -132,7 +142,9 @@ def run(table: Path, out: Path, seeds: list[int], mode: str, jobs: int, unseen: 
         dense = [seed_dir(runs_root / name, s) for s in seeds]
         scratch = [seed_dir(runs_root / f"kron_{name}", s) for s in seeds]
         steps = int(RunRecord.read(scratch[0]).info["steps"])
-        grid = {"study": study_rows, "choices": choice_rows, "cost": cost_rows}[mode](steps)
+        size = RunRecord.read(scratch[0]).info["params"] / RunRecord.read(dense[0]).info["params"]
+        grid = matched_rows(steps, size) if mode == "matched" else \
+            {"study": study_rows, "choices": choice_rows, "cost": cost_rows}[mode](steps)
         rows[family] = {"dense": dense, "scratch": scratch, "compressed": {}}
         for label, settings in grid.items():
             dirs = [out / "runs" / family / slug(label) / f"seed{s}" for s in seeds]
@@ -196,7 +208,7 @@ def _seconds(row: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("mode", choices=("study", "choices", "cost"))
+    ap.add_argument("mode", choices=("study", "choices", "cost", "matched"))
     ap.add_argument("--table", type=Path, required=True, help="a table1 output folder with the dense and scratch runs")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None, help="default out/compress/mri-<mode>")
