@@ -234,8 +234,6 @@ def make_plans(model: nn.Module, config: KronConfig, selector: Selector,
     return plans, analysis
 
 
-
-
 def check_finite(plans: list[Plan]) -> None:
     """Raise ValueError naming the planned layers whose weights hold inf or nan (checked before anything changes,
     as the layer-by-layer conversion cannot undo the layers before a failing one). One reading pass: a sum is
