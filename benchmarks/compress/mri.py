@@ -142,9 +142,11 @@ def run(table: Path, out: Path, seeds: list[int], mode: str, jobs: int, unseen: 
         dense = [seed_dir(runs_root / name, s) for s in seeds]
         scratch = [seed_dir(runs_root / f"kron_{name}", s) for s in seeds]
         steps = int(RunRecord.read(scratch[0]).info["steps"])
-        size = RunRecord.read(scratch[0]).info["params"] / RunRecord.read(dense[0]).info["params"]
-        grid = matched_rows(steps, size) if mode == "matched" else \
-            {"study": study_rows, "choices": choice_rows, "cost": cost_rows}[mode](steps)
+        if mode == "matched":
+            size = RunRecord.read(scratch[0]).info["params"] / RunRecord.read(dense[0]).info["params"]
+            grid = matched_rows(steps, size)
+        else:
+            grid = {"study": study_rows, "choices": choice_rows, "cost": cost_rows}[mode](steps)
         rows[family] = {"dense": dense, "scratch": scratch, "compressed": {}}
         for label, settings in grid.items():
             dirs = [out / "runs" / family / slug(label) / f"seed{s}" for s in seeds]

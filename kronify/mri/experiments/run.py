@@ -149,10 +149,9 @@ def train_and_test(
     trainer.test(module, datamodule=datamodule, verbose=False)
     if max_steps == 0:
         trainer.save_checkpoint(out_dir / "checkpoints" / LAST)  # the EMA weights, for recipes/evaluate.py
-    if not trainer.is_global_zero:
-        trainer.strategy.barrier("run written")  # so that what follows on this rank can read rank 0's run
-        return {}
     try:
+        if not trainer.is_global_zero:
+            return {}
         test = datasets["test"]
         examples = reconstruct_examples(module.ema.module.eval(), test, example_indices(test))
         if zero_filled is None:
@@ -169,7 +168,7 @@ def train_and_test(
         }
         return write_run(out_dir, run_info, module.test_metrics, examples, zero_filled=zero_filled,
                          history=module.history)
-    finally:
+    finally:  # every rank returns once rank 0 has written the run, so what follows on any rank can read it
         trainer.strategy.barrier("run written")
 
 

@@ -1,6 +1,6 @@
 """kronify.mri.experiments.jobs: calls run side by side in worker processes give the in-process results, in order, with the
 requested torch threads, and a failing call's error reaches the caller; a task that waits on others starts only
-after they finished, and is skipped when they returned nothing."""
+after they finished, whatever they returned."""
 
 from __future__ import annotations
 
@@ -38,6 +38,13 @@ def test_a_task_starts_only_after_the_tasks_it_waits_on(tmp_path, jobs):
     independent = [Task(operator.mul, (k, 10)) for k in range(3)]
     results = run_tasks([*writers, *independent, *readers], jobs=jobs)
     assert results == [9, 9, 9, 0, 10, 20, "teacher 0", "teacher 1", "teacher 2"]
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_task_after_an_empty_result_still_runs(jobs):
+    # a training run returns {} on a non-zero DDP rank; the compression after it must run there too (table1 DDP)
+    empty = Task(dict)
+    assert run_tasks([empty, Task(operator.add, (1, 2), after=(empty,))], jobs=jobs) == [{}, 3]
 
 
 def test_a_task_must_come_after_the_tasks_it_waits_on():
