@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kronify.kron import _rearrange
+from kronify.nearest import gram
 from kronify.parametrization import kron_param_count
 
 __all__ = ["LayerOptions", "allocate", "layer_options", "spectrum_errors"]
@@ -33,8 +33,7 @@ def _divisors(rows: int, cols: int, numel: int) -> list[int]:
 
 def spectrum_errors(W: Tensor, n: int) -> list[float]:
     """Relative squared error of the best 1..n² term Kronecker sums of W (out, in, *kernel) at this n."""
-    R = _rearrange(W, n)
-    energy = torch.linalg.eigvalsh(R @ R.T).flip(0).clamp_min(0)
+    energy = torch.linalg.eigvalsh(gram(W, n)).flip(0).clamp_min(0)
     total = float(energy.sum())
     tail = energy.flip(0).cumsum(0).flip(0)  # tail[t] = Σ_{s ≥ t} σ_s²
     return [float(tail[r]) / total if total > 0 else 0.0 for r in range(1, n * n)] + [0.0]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kronify.kron import nearest_kronecker
+from kronify.nearest import nearest_kronecker
 
 __all__ = ["als_fit", "damped_cholesky", "f_step", "kron_matrix", "metric_factors", "output_error2", "weight_matrix",
            "whitened_fit"]

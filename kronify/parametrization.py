@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from kronify.algebra import LEARNED, algebra_matrices, resolve_algebra
-from kronify.kron import _kron_weight, check_kron_dims, kronecker_fit, kronecker_projection
+from kronify.kron import _kron_weight, check_kron_dims
+from kronify.nearest import kronecker_fit, kronecker_projection
 from kronify.linked_weight import KronAssignmentError, LinkedWeight, link_weight, plain_reads
 
 __all__ = ["KronAssignmentError", "KronParametrization", "LinkedWeight", "is_kron", "kron_param_count",

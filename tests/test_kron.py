@@ -1,4 +1,4 @@
-"""Kronecker math (kronify.kron) and the fixed algebras (kronify.algebra)."""
+"""Kronecker math (kronify.kron, kronify.nearest) and the fixed algebras (kronify.algebra)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import kronify
 from kronify import kron_weight, nearest_kronecker
 from kronify.algebra import ALGEBRAS, algebra_matrices, resolve_algebra
 import kronify.kron as kron_module
-from kronify.kron import _kron_weight_composite, _KronWeight, project_kronecker
+from kronify.kron import _kron_weight_composite, _KronWeight
+from kronify.nearest import project_kronecker
 
 PROPS = settings(max_examples=40, deadline=None)
 

@@ -12,7 +12,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from kronify.kron import nearest_kronecker
+from kronify.nearest import nearest_kronecker
 from kronify.kron_fit import als_fit, f_step, kron_matrix, metric_factors, output_error2, whitened_fit
 
 PROPS = settings(max_examples=30, deadline=None)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import kronify
-import kronify.kron as kron_module
+import kronify.nearest as nearest_module
 from kronify import kron_weight, nearest_kronecker
 from kronify.checkpoint import Checkpoint
 from kronify.config import KronConfig
@@ -298,15 +298,21 @@ def test_streaming_over_blocks_does_not_change_the_fit(n, p, q, kernel, block, d
     terms = data.draw(st.integers(1, n * n))
     W = torch.randn(n * p, n * q, *kernel, dtype=torch.float64)
     A0, F0, e0 = nearest_kronecker(W, n, terms)
-    kept, kron_module._BLOCK_NUMEL = kron_module._BLOCK_NUMEL, block
+    kept, nearest_module._BLOCK_NUMEL = nearest_module._BLOCK_NUMEL, block
     try:
         A, F, e = nearest_kronecker(W, n, terms)
     finally:
-        kron_module._BLOCK_NUMEL = kept
+        nearest_module._BLOCK_NUMEL = kept
     torch.testing.assert_close(kron_weight(A, F), kron_weight(A0, F0), rtol=1e-9, atol=1e-12)
     assert e == pytest.approx(e0, rel=1e-9, abs=1e-12)
     Wc = W.contiguous(memory_format=torch.channels_last) if W.dim() == 4 else W
     torch.testing.assert_close(kron_weight(*nearest_kronecker(Wc, n, terms)[:2]), kron_weight(A0, F0))
+
+
+def rearranged(W: torch.Tensor, n: int) -> torch.Tensor:
+    """The Van Loan–Pitsianis matrix R[(a, b), :] = vec(block (a, b) of W), built block by block."""
+    p, q = W.shape[0] // n, W.shape[1] // n
+    return torch.stack([W[a * p:(a + 1) * p, b * q:(b + 1) * q].reshape(-1) for a in range(n) for b in range(n)])
 
 
 def test_gram_in_float64_resolves_small_terms_that_float32_would_lose():
@@ -321,13 +327,13 @@ def test_gram_in_float64_resolves_small_terms_that_float32_would_lose():
     A0 = (U * sigma).T.reshape(n * n, n, n)
     F0 = V.T.reshape(n * n, p, q)
     W = kron_weight(A0, F0)  # Kronecker terms σ_t u_t ⊗ v_t
-    svd = torch.linalg.svd(kron_module._rearrange(W, n), full_matrices=False)
+    svd = torch.linalg.svd(rearranged(W, n), full_matrices=False)
     expected = kron_weight(*(t[:3] for t in (svd.U.T.reshape(4, n, n) * svd.S.view(4, 1, 1),
                                              svd.Vh.reshape(4, p, q))))
     A, F, err = nearest_kronecker(W, n, 3)
     assert err < 1e-9
     assert float((kron_weight(A, F) - expected).norm()) < 1e-5 * 1e-5  # the third term to 1e-5 of its own size
-    R32 = kron_module._rearrange(W, n).float()
+    R32 = rearranged(W, n).float()
     lam = torch.linalg.eigvalsh((R32 @ R32.T).double())
     assert abs(float(lam[-3]) - 1e-10) > 1e-10  # float32's estimate of σ_2² is off by more than σ_2² itself
 
@@ -336,7 +342,7 @@ def test_the_fit_streams_over_blocks_of_bounded_size():
     """The fit holds F and one float64 block, never a float64 copy of W: blocks are at most _BLOCK_NUMEL entries,
     and their number grows linearly with the rows (a structural check, not a timed one)."""
     W = torch.randn(2 * 300, 2 * 40)
-    rows = max(1, kron_module._BLOCK_NUMEL // (4 * 40))
-    assert len(list(kron_module._blocks(W, 2))) == math.ceil(300 / rows)
-    sizes = {R.numel() for _, _, R in kron_module._blocks(W, 2)}
-    assert max(sizes) <= kron_module._BLOCK_NUMEL
+    rows = max(1, nearest_module._BLOCK_NUMEL // (4 * 40))
+    assert len(list(nearest_module._blocks(W, 2))) == math.ceil(300 / rows)
+    sizes = {R.numel() for _, _, R in nearest_module._blocks(W, 2)}
+    assert max(sizes) <= nearest_module._BLOCK_NUMEL
