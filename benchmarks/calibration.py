@@ -23,7 +23,7 @@ from torch import nn  # noqa: E402
 from benchmarks._common import RESULTS, machine, write_results  # noqa: E402
 from kronify.calibration import CalibrationLayer, collect  # noqa: E402
 from kronify.calibration.inputs import Moments  # noqa: E402
-from kronify.config import CalibrationConfig  # noqa: E402
+from kronify.calibration.config import CalibrationConfig  # noqa: E402
 from kronify.nearest import nearest_kronecker  # noqa: E402
 from kronify.kron_fit import als_fit, metric_factors, whitened_fit  # noqa: E402
 

@@ -2,7 +2,8 @@
 
 # Importing each function after its submodule rebinds e.g. `kronify.convert` (the attribute) from
 # the submodule to the function.
-from kronify.config import CalibrationConfig, KronConfig
+from kronify.calibration.config import CalibrationConfig
+from kronify.config import KronConfig
 from kronify.convert import convert, is_kron
 from kronify.distill import DistillResult, distill
 from kronify.io import from_pretrained, load, save
@@ -14,20 +15,6 @@ from kronify.report import ConversionReport
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CalibrationConfig",
-    "ConversionReport",
-    "KronConfig",
-    "KronParametrization",
-    "convert",
-    "distill",
-    "DistillResult",
-    "from_pretrained",
-    "is_kron",
-    "kron_param_count",
-    "kron_weight",
-    "load",
-    "merge",
-    "nearest_kronecker",
-    "save",
-]
+__all__ = ["CalibrationConfig", "ConversionReport", "DistillResult", "KronConfig", "KronParametrization", "convert",
+           "distill", "from_pretrained", "is_kron", "kron_param_count", "kron_weight", "load", "merge", "nearest_kronecker",
+           "save"]

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from kronify.budget import allocate, layer_options, within
 from kronify.calibration import CalibrationLayer, collect, read_batches
-from kronify.config import CalibrationConfig, KronConfig
+from kronify.calibration.config import CalibrationConfig
+from kronify.config import KronConfig
 from kronify.kron_fit import damped_cholesky, weight_matrix
 from kronify.layer_kinds import weight_names
 from kronify.parametrization import own_kron_parametrizations

@@ -30,7 +30,8 @@ from kronify.budget_plan import budget_config
 from kronify.calibration import read_batches
 from kronify.calibration.apply import apply_calibrated
 from kronify.checkpoint import Checkpoint, match_checkpoint
-from kronify.config import CalibrationConfig, KronConfig
+from kronify.calibration.config import CalibrationConfig
+from kronify.config import KronConfig
 from kronify.io import remember_config
 from kronify.parametrization import is_kron
 from kronify.plan import Selector, check_finite, make_plans

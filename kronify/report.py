@@ -56,10 +56,6 @@ def own_param_count(module: nn.Module) -> int:
     return sum(_numel(p) for p in params.values())
 
 
-def _fmt_int(x: int) -> str:
-    return f"{x:,}"
-
-
 def _fmt_err(x: float | None) -> str:
     return "" if x is None else f"{x:.3f}"
 
@@ -104,36 +100,23 @@ class ConversionReport:
 
     def __str__(self) -> str:
         calibrated = any(r.fit is not None for r in self.rows)
-        head = ("layer", "kind", "shape", "n", "terms", "params", "-> after", "ws_err") + (
-            ("out_err", "w_out_err", "fit") if calibrated else ()) + ("status",)
-        lines = []
-        for r in self.rows:
-            status = r.status if not r.reason else f"{r.status}: {r.reason}"
-            lines.append(
-                (
-                    r.name,
-                    r.kind,
-                    "x".join(map(str, r.shape)),
-                    "" if r.n is None else str(r.n),
-                    "" if r.terms is None else str(r.terms),
-                    _fmt_int(r.params_before),
-                    _fmt_int(r.params_after),
-                    _fmt_err(r.warm_start_error),
-                    *((_fmt_err(r.output_error), _fmt_err(r.weight_fit_error), r.fit or "") if calibrated else ()),
-                    status,
-                )
-            )
-        widths = [max([len(h)] + [len(row[i]) for row in lines]) for i, h in enumerate(head)]
-        right = {3, 4, 5, 6, 7} | ({8, 9} if calibrated else set())
+        extra = ["out_err", "w_out_err", "fit"] if calibrated else []
+        head = ["layer", "kind", "shape", "n", "terms", "params", "-> after", "ws_err", *extra, "status"]
+        rows = [[r.name, r.kind, "x".join(map(str, r.shape)), "" if r.n is None else str(r.n),
+                 "" if r.terms is None else str(r.terms), f"{r.params_before:,}", f"{r.params_after:,}",
+                 _fmt_err(r.warm_start_error),
+                 *([_fmt_err(r.output_error), _fmt_err(r.weight_fit_error), r.fit or ""] if calibrated else []),
+                 f"{r.status}: {r.reason}" if r.reason else r.status] for r in self.rows]
+        widths = [max(map(len, column)) for column in zip(head, *rows)]
+        right = range(3, len(head) - (2 if calibrated else 1))  # the numbers, from n to the errors
 
-        def fmt(cells):
-            return "  ".join(
-                c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
-            ).rstrip()
+        def fmt(cells: list[str]) -> str:
+            return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+                             ).rstrip()
 
-        out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(row) for row in lines]
+        out = [fmt(head), fmt(["-" * w for w in widths])] + [fmt(row) for row in rows]
         out.append(
-            f"total: {_fmt_int(self.params_before)} -> {_fmt_int(self.params_after)} params "
+            f"total: {self.params_before:,} -> {self.params_after:,} params "
             f"(x{self.ratio:.3f}); converted layers x{self.converted_ratio:.3f}; "
             f"{len(self.converted)} converted, {len(self.skipped)} skipped"
         )
@@ -146,11 +129,7 @@ class ConversionReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (no tensors, no model)."""
-        rows = []
-        for r in self.rows:
-            d = asdict(r)
-            d["shape"] = list(r.shape)
-            rows.append(d)
+        rows = [{**asdict(r), "shape": list(r.shape)} for r in self.rows]
         return {
             "rows": rows,
             "converted": self.converted,

@@ -10,7 +10,8 @@ from torch import nn
 
 from kronify.apply import apply_plans
 from kronify.calibration import CalibrationLayer, calibrate, collect, first_calls, read_batches
-from kronify.config import CalibrationConfig, KronConfig
+from kronify.calibration.config import CalibrationConfig
+from kronify.config import KronConfig
 from kronify.plan import Plan
 
 __all__ = ["apply_calibrated"]

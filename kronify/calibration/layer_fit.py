@@ -19,7 +19,7 @@ from torch import Tensor
 
 from kronify.algebra import algebra_matrices
 from kronify.calibration.inputs import Moments
-from kronify.config import CalibrationConfig
+from kronify.calibration.config import CalibrationConfig
 from kronify.nearest import nearest_kronecker, project_kronecker
 from kronify.kron_fit import (als_fit, f_step, kron_matrix, metric_factors, output_error2, weight_matrix,
                               whitened_fit)
