@@ -101,7 +101,8 @@ def bench_shape(kind: str, channels: int, size: int, batch: int, n: int, repeats
     t0 = time.perf_counter()
     steps["dense"]()
     step_s = time.perf_counter() - t0
-    # expensive shapes get fewer repeats (at least MIN_REPEATS), so the whole grid stays a few minutes
+    # as many repeats as fit in SHAPE_BUDGET_S, up to `repeats` (cheap shapes, whose ratios are the noisiest) and at
+    # least MIN_REPEATS (expensive shapes), so the whole grid stays a few minutes
     reps = max(MIN_REPEATS, min(repeats, int(SHAPE_BUDGET_S / (2 * step_s))))
     train = interleaved(steps, reps, clock=CLOCK)
     infer = interleaved(
@@ -245,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         CLOCK = time.thread_time
     elif args.threads:
         torch.set_num_threads(args.threads)
-    repeats = args.repeats or (7 if args.quick else 21)
+    repeats = args.repeats or (7 if args.quick else 101)
     result = {"machine": machine(), "clock": "thread CPU time, 1 thread" if args.cpu_time else "wall clock", "n": args.n, "repeats": repeats, "quick": args.quick, "rows": []}
     t0 = time.perf_counter()
     for kind in ("conv2d", "linear"):

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.modules import module as torch_module
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
@@ -95,6 +96,35 @@ def test_reads_inside_forward_are_plain_and_reads_outside_are_linked(kind, mode)
         assert type(getattr(layer, name)) is LinkedWeight
     if isinstance(layer, nn.MultiheadAttention):  # its forward reads out_proj.weight, a child's weight: plain
         assert is_kron(layer.out_proj)
+
+
+class _Double(nn.Module):
+    def forward(self, W: torch.Tensor) -> torch.Tensor:
+        return 2 * W
+
+
+@pytest.mark.parametrize("algebra", ["learned", "complex"])
+@pytest.mark.parametrize("mode", ["train", "eval_no_grad"])
+def test_reads_take_the_factors_directly_and_equal_torchs_getter(monkeypatch, algebra, mode):
+    """A read calls the Kronecker parametrization on the factors itself, skipping the ParametrizationList's call,
+    and gives what torch's getter gives (under parametrize.cached(), which takes torch's getter); a parametrization
+    stacked on it by the user is applied."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 6)
+    kronify.convert(nn.Sequential(layer), algebra=algebra)
+    layer.train(mode == "train")
+    calls = []
+    list_forward = parametrize.ParametrizationList.forward
+    monkeypatch.setattr(parametrize.ParametrizationList, "forward", lambda s: calls.append(1) or list_forward(s))
+    with torch.set_grad_enabled(mode == "train"):
+        W = layer(torch.eye(8)).T - layer.bias[:, None]  # the weight as the forward used it
+        assert calls == []
+        with parametrize.cached():
+            want = layer(torch.eye(8)).T - layer.bias[:, None]
+        assert calls == [1]
+        torch.testing.assert_close(W, want, rtol=0, atol=0)
+        parametrize.register_parametrization(layer, "weight", _Double(), unsafe=True)
+        torch.testing.assert_close(layer(torch.eye(8)).T - layer.bias[:, None], 2 * want)
 
 
 def test_a_parent_forward_reading_a_child_weight_gets_the_plain_tensor():
