@@ -52,9 +52,9 @@ _FUNCTION_MIN_NUMEL = 1 << 20
 # With OMP_WAIT_POLICY=passive (read, as OpenMP reads it, at start-up) idle threads sleep, and every parallel
 # region (each matmul, each copy of more than 32 K entries) pays to wake them: 50-150 µs each on 2 CPU cores, more
 # than a whole small build. Then CPU weights below `_FUNCTION_MIN_NUMEL` are built, forward and backward, on one
-# thread: 2-4x faster than the composite on 2 threads from 1 K to 0.6 M entries (benchmarks/layers.py, "composite /
-# Function / one-thread W build ms"). With threads that spin while idle (OpenMP's default) one thread gains nothing
-# at 16 K entries and loses 15-35 % from 65 K entries on, so it is off then.
+# thread: 1.1-2.5x faster than the composite on 2 threads from 1 K to 0.6 M entries (benchmarks/layers.py,
+# "composite / Function / one-thread W build ms"). With threads that spin while idle (OpenMP's default) one thread
+# is 8 % slower at 16 K entries and 20-40 % slower from 65 K on, so it is off then.
 _ONE_THREAD = os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
 
 
@@ -72,7 +72,7 @@ def _kron_weight(A: Tensor, F: Tensor) -> Tensor:
 
 @contextmanager
 def _one_thread() -> Iterator[None]:
-    """Run torch's CPU ops on one thread inside (0.2 µs to set and restore)."""
+    """Run torch's CPU ops on one thread inside."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
