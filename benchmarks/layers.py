@@ -10,10 +10,9 @@ Measured per shape:
   vs the dense layer);
 - merged inference: the layer after `kronify.merge` vs the dense layer, eval mode under no_grad;
 - weight build (forward + backward of W): `kron_weight` vs a naive baseline written from the published
-  formula W = Σ_i A_i ⊗ F_i (broadcast outer product of every term, then a sum over terms), and its three
-  implementations on their own (the composite; the autograd.Function, which `kron_weight` takes from 2²⁰ weight
-  entries on; the Function running the composite's ops on one thread, which it takes up to 2¹⁸ entries under
-  OMP_WAIT_POLICY=passive, as `make bench` runs).
+  formula W = Σ_i A_i ⊗ F_i (broadcast outer product of every term, then a sum over terms), and its two
+  implementations on their own (the composite and the autograd.Function; `kron_weight` takes the Function
+  from 2²⁰ weight entries on).
 Targets (issue 19, no per-call hooks): median train-step ratio ≤ 1.03 over the shapes, none above 1.15;
 merged inference 1.00 (≤ 1.02: what an A/A comparison reads on a shared machine). Issue 2 had 1.05 / 1.3.
 """
@@ -118,8 +117,7 @@ def bench_shape(kind: str, channels: int, size: int, batch: int, n: int, repeats
     F = F0.detach().clone().requires_grad_()
     builds = {"kron_weight": build_fn(kron_weight, A, F), "naive": build_fn(naive_kron_weight, A, F),
               "composite": build_fn(_kron_weight_composite, A, F),
-              "function": build_fn(lambda A, F: _KronWeight.apply(A, F, False), A, F),
-              "one_thread": build_fn(lambda A, F: _KronWeight.apply(A, F, True), A, F)}
+              "function": build_fn(_KronWeight.apply, A, F)}
     build = interleaved(builds, repeats, clock=CLOCK)
     return {
         "kind": kind,
@@ -205,7 +203,7 @@ def markdown(result: dict) -> str:
         *oversubscription_note(result),
         "",
         "| layer | C | px | B | reps | params kron/dense | train ms dense | train ms kron | train ratio | min ratio "
-        "| merged infer ratio | kron eval ratio | W build ms | composite / Function / one-thread W build ms | naive W build ms "
+        "| merged infer ratio | kron eval ratio | W build ms | composite / Function W build ms | naive W build ms "
         "| W build / train |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -215,7 +213,7 @@ def markdown(result: dict) -> str:
             f"| {r['train_ms']['dense']:.2f} | {r['train_ms']['kron']:.2f} | {r['train_ratio']:.3f} | {r['train_ratio_of_minima']:.3f} "
             f"| {r['merged_inference_ratio']:.3f} | {r['kron_eval_ratio']:.3f} "
             f"| {r['weight_build_ms']['kron_weight']:.3f} | {r['weight_build_ms']['composite']:.3f} / "
-            f"{r['weight_build_ms']['function']:.3f} / {r['weight_build_ms']['one_thread']:.3f} | "
+            f"{r['weight_build_ms']['function']:.3f} | "
             f"{r['weight_build_ms']['naive']:.3f} "
             f"| {r['weight_build_share_of_train']:.1%} |"
         )

@@ -53,16 +53,7 @@ def test_kron_weight_equals_sum_of_torch_kron(n, p, q, kernel, data):
     torch.testing.assert_close(W, kron_reference(A, F), rtol=1e-12, atol=1e-12)
 
 
-def _function(one_thread: bool):
-    """_KronWeight with its in-place maths (False) or the composite's on one thread (True)."""
-    return lambda A, F: _KronWeight.apply(A, F, one_thread)
-
-
-FUNCTIONS = [_function(False), _function(True)]
-FUNCTION_IDS = ["_KronWeight", "_KronWeight_one_thread"]
-
-
-@pytest.mark.parametrize("fn", [kron_weight, *FUNCTIONS], ids=["kron_weight", *FUNCTION_IDS])
+@pytest.mark.parametrize("fn", [kron_weight, _KronWeight.apply], ids=["kron_weight", "_KronWeight"])
 def test_kron_weight_is_differentiable_twice(fn):
     A = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
     F = torch.randn(3, 2, 3, 2, dtype=torch.float64, requires_grad=True)
@@ -70,45 +61,19 @@ def test_kron_weight_is_differentiable_twice(fn):
     assert torch.autograd.gradgradcheck(fn, (A, F))
 
 
-@pytest.mark.parametrize("passive, rows, path", [(False, 64, "UnsafeView"), (False, 1000, "UnsafeView"),
-                                                 (False, 1024, "_KronWeight"), (True, 64, "_KronWeight"),
-                                                 (True, 1000, "_KronWeight"), (True, 1024, "_KronWeight")])
-def test_kron_weight_paths_by_size(monkeypatch, passive, rows, path):
-    """Weights of 2²⁰ entries and more take the Function's in-place maths; smaller ones the composite, which under
-    OMP_WAIT_POLICY=passive the Function runs on one thread.
-    The thread count is back to what it was after forward and backward, and every path gives the same W and grads."""
-    monkeypatch.setattr(kron_module, "_ONE_THREAD", passive)
-    threads = torch.get_num_threads()
-    seen = []
-    monkeypatch.setattr(kron_module, "_kron_weight_composite", lambda A, F: seen.append(torch.get_num_threads())
-                        or _kron_weight_composite(A, F))
+@pytest.mark.parametrize("rows, path", [(1024, "_KronWeightBackward"), (64, "UnsafeViewBackward")])
+def test_kron_weight_takes_the_function_for_large_weights_only(rows, path):
     A = torch.randn(2, 2, 2, requires_grad=True)
-    F = torch.randn(2, rows // 2, rows // 2, requires_grad=True)
+    F = torch.randn(2, rows // 2, rows // 2, requires_grad=True)  # W: rows × rows
     W = kron_weight(A, F)
     assert type(W.grad_fn).__name__.startswith(path)
     torch.testing.assert_close(W, _kron_weight_composite(A, F))
-    W.backward(torch.ones_like(W))
-    assert torch.get_num_threads() == threads
-    one_thread = passive and rows * rows < kron_module._FUNCTION_MIN_NUMEL
-    assert seen == ([1] if one_thread else [threads] if path.startswith("UnsafeView") else [])
-    torch.testing.assert_close(A.grad, torch.autograd.grad(_kron_weight_composite(A, F).sum(), A)[0], rtol=1e-4, atol=0)
-
-
-def test_one_thread_is_restored_when_the_backward_fails(monkeypatch):
-    A = torch.randn(2, 2, 2, requires_grad=True)
-    F = torch.randn(2, 4, 4, requires_grad=True)
-    threads = torch.get_num_threads()
-    W = _KronWeight.apply(A, F, True)
-    with pytest.raises(RuntimeError):
-        W.backward(torch.ones(3, 3))  # a gradient of the wrong shape
-    assert torch.get_num_threads() == threads
 
 
 @PROPS
 @given(n=ns, p=dims, q=dims, kernel=kernels, needs=st.sampled_from(["A", "F", "both"]),
-       transposed_grad=st.booleans(), one_thread=st.booleans(), data=st.data())
-def test_kron_weight_function_backward_equals_autograd_of_torch_kron(n, p, q, kernel, needs, transposed_grad,
-                                                                     one_thread, data):
+       transposed_grad=st.booleans(), data=st.data())
+def test_kron_weight_function_backward_equals_autograd_of_torch_kron(n, p, q, kernel, needs, transposed_grad, data):
     """The hand-written backward against autograd through the torch.kron reference, for either factor
     alone or both, and for a non-contiguous incoming gradient."""
     terms = data.draw(st.integers(1, n * n))
@@ -117,18 +82,17 @@ def test_kron_weight_function_backward_equals_autograd_of_torch_kron(n, p, q, ke
     g = torch.randn(n * q, n * p, *kernel, dtype=torch.float64)
     g = g.transpose(0, 1) if transposed_grad else g.reshape(n * p, n * q, *kernel)
     inputs = [x for x in (A, F) if x.requires_grad]
-    got = torch.autograd.grad(_KronWeight.apply(A, F, one_thread), inputs, g)
+    got = torch.autograd.grad(_KronWeight.apply(A, F), inputs, g)
     want = torch.autograd.grad(kron_reference(A, F), inputs, g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("route", ["composite", "function", "one_thread"])
+@pytest.mark.parametrize("route", ["composite", "function"])
 def test_kron_weight_under_vmap_and_per_sample_gradients(monkeypatch, route):
     """torch.func transforms take the composite whatever the size (the Function runs outside them): vmap, and
     per-sample gradients equal to one backward per sample through the Function."""
     monkeypatch.setattr(kron_module, "_FUNCTION_MIN_NUMEL", 0 if route == "function" else 1 << 20)
-    monkeypatch.setattr(kron_module, "_ONE_THREAD", route == "one_thread")
     A, Fs = torch.randn(2, 2, 2), torch.randn(3, 2, 4, 3, 3)  # 3 samples of F (terms 2, 4×3, kernel 3)
     batched = torch.func.vmap(kron_weight, in_dims=(None, 0))(A, Fs)
     torch.testing.assert_close(batched, torch.stack([kron_reference(A, F) for F in Fs]))
@@ -155,27 +119,25 @@ def test_kron_weight_under_vmap_and_per_sample_gradients(monkeypatch, route):
         torch.testing.assert_close(jac["parametrizations.weight.original0"][i, 2], factors.original0.grad)
 
 
-@pytest.mark.parametrize("one_thread", [False, True])
-def test_kron_weight_function_forward_mode_ad(one_thread):
+def test_kron_weight_function_forward_mode_ad():
     """torch.autograd.forward_ad through the Function (its jvp): dW = Σ dA_t ⊗ F_t + A_t ⊗ dF_t."""
     import torch.autograd.forward_ad as fwAD
 
     A, F = torch.randn(3, 2, 2, dtype=torch.float64), torch.randn(3, 2, 4, 3, dtype=torch.float64)
     dA, dF = torch.randn_like(A), torch.randn_like(F)
     with fwAD.dual_level():
-        W = _KronWeight.apply(fwAD.make_dual(A, dA), fwAD.make_dual(F, dF), one_thread)
+        W = _KronWeight.apply(fwAD.make_dual(A, dA), fwAD.make_dual(F, dF))
         primal, tangent = fwAD.unpack_dual(W)
     torch.testing.assert_close(primal, kron_reference(A, F))
     torch.testing.assert_close(tangent, kron_reference(dA, F) + kron_reference(A, dF))
 
 
-@pytest.mark.parametrize("one_thread", [False, True])
-def test_kron_weight_under_cpu_autocast_gives_float32_gradients(one_thread):
+def test_kron_weight_under_cpu_autocast_gives_float32_gradients():
     A = torch.randn(2, 2, 2, requires_grad=True)
     F = torch.randn(2, 4, 3, 3, 3, requires_grad=True)
     x = torch.randn(1, 6, 8, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        W = _KronWeight.apply(A, F, one_thread)
+        W = _KronWeight.apply(A, F)
         assert W.dtype == torch.float32
         y = torch.nn.functional.conv2d(x, W)
     assert y.dtype == torch.bfloat16

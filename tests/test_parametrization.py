@@ -253,7 +253,6 @@ def test_jvp_and_jacfwd_on_small_and_large_weights(size):
 
 
 def test_large_weight_takes_the_function_path(monkeypatch):
-    monkeypatch.setattr(kron_module, "_ONE_THREAD", False)  # else the composite's ops run in the Function
     layer = convert_one(nn.Linear(1024, 1024, bias=False))
     assert type(layer.weight.grad_fn).__name__ == "_KronWeightBackward"
     monkeypatch.setattr(kron_module, "_FUNCTION_MIN_NUMEL", 1 << 30)
