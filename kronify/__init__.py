@@ -8,8 +8,8 @@ from kronify.convert import convert, is_kron
 from kronify.distill import DistillResult, distill
 from kronify.io import from_pretrained, load, save
 from kronify.kron import kron_weight
-from kronify.nearest import nearest_kronecker
 from kronify.merge import merge
+from kronify.nearest import nearest_kronecker
 from kronify.parametrization import KronParametrization, kron_param_count
 from kronify.report import ConversionReport
 

@@ -29,8 +29,8 @@ from kronify.apply import apply_in_place, apply_plans
 from kronify.budget_plan import budget_config
 from kronify.calibration import read_batches
 from kronify.calibration.apply import apply_calibrated
-from kronify.checkpoint import Checkpoint, match_checkpoint
 from kronify.calibration.config import CalibrationConfig
+from kronify.checkpoint import Checkpoint, match_checkpoint
 from kronify.config import KronConfig
 from kronify.io import remember_config
 from kronify.parametrization import is_kron

@@ -31,8 +31,8 @@ from torch.nn.utils import parametrize
 
 from kronify.algebra import LEARNED, algebra_matrices, resolve_algebra
 from kronify.kron import _kron_weight, check_kron_dims
-from kronify.nearest import kronecker_fit, kronecker_projection
 from kronify.linked_weight import KronAssignmentError, LinkedWeight, link_weight, plain_reads
+from kronify.nearest import kronecker_fit, kronecker_projection
 
 __all__ = ["KronAssignmentError", "KronParametrization", "LinkedWeight", "is_kron", "kron_param_count",
            "kron_parametrizations", "own_kron_parametrizations", "plain_reads", "share_parametrization"]

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from kronify.batches import call_model, iterate_batches, move_batch
+from kronify.calibration.config import CalibrationConfig
 from kronify.calibration.inputs import Moments, input_rows
 from kronify.calibration.layer_fit import LayerFit, fit_weight, rms
-from kronify.calibration.config import CalibrationConfig
 from kronify.layer_kinds import InputView, kind_of
 
 __all__ = ["CalibrationLayer", "LayerFit", "calibrate", "collect", "first_calls", "read_batches"]

@@ -18,12 +18,12 @@ import torch
 from torch import Tensor
 
 from kronify.algebra import algebra_matrices
-from kronify.calibration.inputs import Moments
 from kronify.calibration.config import CalibrationConfig
-from kronify.nearest import nearest_kronecker, project_kronecker
+from kronify.calibration.inputs import Moments
 from kronify.kron_fit import (als_fit, f_step, kron_matrix, metric_factors, output_error2, weight_matrix,
                               whitened_fit)
 from kronify.layer_kinds import InputView
+from kronify.nearest import nearest_kronecker, project_kronecker
 from kronify.parametrization import KronParametrization
 
 __all__ = ["LayerFit", "fit_weight", "rms"]
