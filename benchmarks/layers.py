@@ -116,8 +116,7 @@ def bench_shape(kind: str, channels: int, size: int, batch: int, n: int, repeats
     A = A0.detach().clone().requires_grad_()
     F = F0.detach().clone().requires_grad_()
     builds = {"kron_weight": build_fn(kron_weight, A, F), "naive": build_fn(naive_kron_weight, A, F),
-              "composite": build_fn(_kron_weight_composite, A, F),
-              "function": build_fn(_KronWeight.apply, A, F)}
+              "composite": build_fn(_kron_weight_composite, A, F), "function": build_fn(_KronWeight.apply, A, F)}
     build = interleaved(builds, repeats, clock=CLOCK)
     return {
         "kind": kind,
@@ -213,8 +212,7 @@ def markdown(result: dict) -> str:
             f"| {r['train_ms']['dense']:.2f} | {r['train_ms']['kron']:.2f} | {r['train_ratio']:.3f} | {r['train_ratio_of_minima']:.3f} "
             f"| {r['merged_inference_ratio']:.3f} | {r['kron_eval_ratio']:.3f} "
             f"| {r['weight_build_ms']['kron_weight']:.3f} | {r['weight_build_ms']['composite']:.3f} / "
-            f"{r['weight_build_ms']['function']:.3f} | "
-            f"{r['weight_build_ms']['naive']:.3f} "
+            f"{r['weight_build_ms']['function']:.3f} | {r['weight_build_ms']['naive']:.3f} "
             f"| {r['weight_build_share_of_train']:.1%} |"
         )
     lines += ["", "## Summary", "", "| metric | target | measured | met |", "|---|---|---|---|"]

@@ -91,7 +91,7 @@ def test_kron_weight_function_backward_equals_autograd_of_torch_kron(n, p, q, ke
 @pytest.mark.parametrize("route", ["composite", "function"])
 def test_kron_weight_under_vmap_and_per_sample_gradients(monkeypatch, route):
     """torch.func transforms take the composite whatever the size (the Function runs outside them): vmap, and
-    per-sample gradients equal to one backward per sample through the Function."""
+    per-sample gradients and jacrev equal to plain backward passes, which take the composite or the Function."""
     monkeypatch.setattr(kron_module, "_FUNCTION_MIN_NUMEL", 0 if route == "function" else 1 << 20)
     A, Fs = torch.randn(2, 2, 2), torch.randn(3, 2, 4, 3, 3)  # 3 samples of F (terms 2, 4×3, kernel 3)
     batched = torch.func.vmap(kron_weight, in_dims=(None, 0))(A, Fs)
