@@ -16,5 +16,5 @@ from kronify.report import ConversionReport
 __version__ = "0.1.0"
 
 __all__ = ["CalibrationConfig", "ConversionReport", "DistillResult", "KronConfig", "KronParametrization", "convert",
-           "distill", "from_pretrained", "is_kron", "kron_param_count", "kron_weight", "load", "merge", "nearest_kronecker",
-           "save"]
+           "distill", "from_pretrained", "is_kron", "kron_param_count", "kron_weight", "load", "merge",
+           "nearest_kronecker", "save"]
