@@ -1,4 +1,4 @@
-"""Kronecker-sum weights W = Σ_t A_t ⊗ F_t, built differentiably (the nearest such sum to a dense weight: `kronify.nearest`).
+"""Kronecker-sum weights W = Σ_t A_t ⊗ F_t, built differentiably (the nearest such sum to a weight: `kronify.nearest`).
 
 Layout convention (shared by every kronify layer): for A of shape (terms, n, n) and F of shape
 (terms, p, q, *kernel), W has shape (n·p, n·q, *kernel) and

@@ -7,9 +7,9 @@
 RUN is a finished dense run of any family (a recipe's or table1's run folder). Its Kronecker copy is warm-started
 from its EMA weights (calibrated on training slices; ``--warm-start weights``: the nearest Kronecker sum), then
 trained to follow it for ``--steps`` (default: ``--fraction`` 0.2 of the dense run's) under the run's own
-preset, protocol, masks and split, and tested. OUT is a normal run folder (``recipes/evaluate.py``, tables and the seeds tooling
-read it) plus OUT/kron/ (``kronify.save``); metrics.json records the teacher and the compression settings. The
-orchestration is kronify.mri.experiments.compress.compress_run.
+preset, protocol, masks and split, and tested. OUT is a normal run folder (``recipes/evaluate.py``, tables and the
+seeds tooling read it) plus OUT/kron/ (``kronify.save``); metrics.json records the teacher and the compression
+settings. The orchestration is kronify.mri.experiments.compress.compress_run.
 """
 
 from __future__ import annotations

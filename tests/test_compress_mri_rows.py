@@ -20,5 +20,6 @@ def test_study_rows_are_distinct_and_valid():
     for rows in (study_rows(1000), cost_rows(1000), matched_rows(1000, 0.5447)):
         for settings in rows.values():
             settings.check()
+        assert len({repr(s) for s in rows.values()}) == len(rows)  # no two rows run the same settings
         assert len(set(rows.values())) == len(rows)  # no two labels run the same settings
     assert matched_rows(1000, 0.54472)[MATCHED_ROW].budget == 0.5447
