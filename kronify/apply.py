@@ -1,15 +1,7 @@
-"""Carry out conversion plans.
-
-- `apply_in_place`: what `kronify.convert` does: layer by layer, the factors are made from the dense weight, the
-  layer is parametrized and its dense weight dropped, so the peak is the model plus one layer's factors (not two
-  copies of the model). Each layer is converted entirely or not at all; since memory for an undo of the whole model
-  is what this saves, an unexpected failure half way (out of memory, an interrupt) raises
-  `PartialConversionError` naming the converted and the remaining layers. Every check on the input runs before.
-- `apply_plans`: every layer fitted (from the model's weights or from tensors read elsewhere: a checkpoint) before
-  the model changes, then all parametrized, with a full undo on any error (it keeps every dense weight until it
-  returns); kronify.io loads factors with it, and the calibrated fit (kronify.calibration.apply) refits them.
-
-Both make a layer's factors in one place (`_fit`, KronParametrization.fit) and install them in one (`_install`).
+"""Carry out conversion plans: `apply_in_place` (what `kronify.convert` does, layer by layer, freeing each dense
+weight as its factors are made) and `apply_plans` (every layer fitted first, from the model or from tensors read
+elsewhere, then all installed, with a full undo: kronify.io and the calibrated fit use it). Both make a layer's
+factors in one place (`_fit`) and install them in one (`_install`).
 """
 
 from __future__ import annotations
@@ -125,8 +117,7 @@ def _std(w: Tensor) -> float:
     for block in rows.split(max(1, (1 << 16) // rows.shape[1])):
         block = block.double()
         total, sq = total + float(block.sum()), sq + float(block.square().sum())
-    count = w.numel()
-    return math.sqrt(max(sq - total * total / count, 0.0) / (count - 1))
+    return math.sqrt(max(sq - total * total / w.numel(), 0.0) / (w.numel() - 1))
 
 
 def _fit(target: Target, settings: dict, w: Tensor, warm_start: bool) -> _Fit:
@@ -215,6 +206,5 @@ def apply_in_place(plans: list[Plan], warm_start: bool) -> None:
 
 
 def _names(names: list[str], most: int = 6) -> str:
-    if not names:
-        return "none"
-    return ", ".join(map(repr, names[:most])) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
+    more = f", ... ({len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(map(repr, names[:most])) + more if names else "none"

@@ -77,9 +77,9 @@ class KronConfig:
             self.calibration = CalibrationConfig(**self.calibration)
         if self.calibration is not None and not isinstance(self.calibration, CalibrationConfig):
             raise TypeError(f"KronConfig: calibration must be a CalibrationConfig, got {type(self.calibration).__name__}")
-        if self.budget is not None:
-            if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
-                raise ValueError(f"budget must be a share of the parameters in (0, 1], got {self.budget!r}")
+        b = self.budget
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1):
+            raise ValueError(f"budget must be a share of the parameters in (0, 1], got {b!r}")
         resolve_algebra(self.algebra, self.n, self.terms)
         self.include = normalize_patterns(self.include, "include")
         self.exclude = normalize_patterns(self.exclude, "exclude")

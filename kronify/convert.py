@@ -1,19 +1,10 @@
-"""kronify.convert: give every weight-bearing layer of a model a Kronecker-parametrized weight, in place or
-on a copy, and report what was done.
+"""kronify.convert: give every weight-bearing layer of a model a Kronecker-parametrized weight, and report it.
 
-A layer is any module whose forward reads a weight of two or more dims: Linear, Conv1/2/3d,
-ConvTranspose1/2/3d and their subclasses (timm's StdConv2d standardizes `self.weight` in its own forward),
-transformers' Conv1D, and nn.MultiheadAttention's q/k/v projections (its out_proj is a Linear). Each
-weight gets a `KronParametrization` (torch.nn.utils.parametrize): the layer keeps its class, forward and
-hooks, shared layers stay shared, and a weight under another parametrization gets the Kronecker structure
-on its original.
-
-Conversion runs in steps: find (candidate layers and every path to them) and plan (validate settings, decide
-per layer, check the weights are finite and, with a checkpoint, that it holds every tensor in its shape) in
-`kronify.plan` / `kronify.checkpoint`, changing nothing, then apply in `kronify.apply`: layer by layer, freeing
-each dense weight as its factors are made (an unexpected failure there raises `PartialConversionError`, naming the
-converted layers), or from a checkpoint, all layers fitted before anything changes. The kinds of layer are listed in
-one table, `kronify.layer_kinds.KINDS`.
+Each weight the forward reads (the kinds are one table, `kronify.layer_kinds.KINDS`) gets a `KronParametrization`
+(torch.nn.utils.parametrize): the layer keeps its class, forward and hooks, shared layers stay shared, and a weight
+under another parametrization gets the Kronecker structure on its original. Conversion first finds and plans
+(`kronify.plan`, `kronify.checkpoint`), checking every input and changing nothing, then applies the plans
+(`kronify.apply`).
 """
 
 from __future__ import annotations

@@ -38,11 +38,10 @@ def kron_weight(A: Tensor, F: Tensor) -> Tensor:
     return _kron_weight(A, F)
 
 
-# From this many dense-weight entries on, `kron_weight` takes `_KronWeight` (fewer passes over memory, no
-# |W|-sized temporaries); below it the composite, whose backward runs in C++ with less per-call overhead
-# than a Python autograd.Function. Forward + backward of one weight on 2 CPU cores (2 threads): the
-# Function took 1.1-1.9x the composite's time from 0.15 M to 0.6 M entries, 0.7-1.3x at 1 M, and
-# 0.67-0.70x at 2.4 M (benchmarks/layers.py reports both, "composite / Function W build ms").
+# From this many dense-weight entries on, `kron_weight` takes `_KronWeight` (fewer passes over memory); below it
+# the composite (its backward runs in C++, with less per-call overhead). Forward + backward on 2 CPU cores: the
+# Function took 1.1-1.9x the composite's time at 0.15-0.6 M entries, 0.7-1.3x at 1 M and 0.67-0.70x at 2.4 M
+# (benchmarks/layers.py, "composite / Function W build ms").
 _FUNCTION_MIN_NUMEL = 1 << 20
 
 
@@ -140,6 +139,4 @@ def check_kron_dims(rows: int, cols: int, n: int, what: str = "W") -> None:
     check_n(n)
     bad = [f"dim {k} = {d}" for k, d in ((0, rows), (1, cols)) if d % n]
     if bad:
-        raise ValueError(
-            f"{what}: shape ({rows}, {cols}, ...) is not divisible by n={n} ({', '.join(bad)})"
-        )
+        raise ValueError(f"{what}: shape ({rows}, {cols}, ...) is not divisible by n={n} ({', '.join(bad)})")

@@ -1,10 +1,6 @@
 """The kinds of layer kronify converts, in one table (`KINDS`): adding a kind of layer touches only this file.
 
-Each `LayerKind` says which modules it covers, which weights their forward reads (and into how many chunks
-dim 0 splits: nn.MultiheadAttention's packed q/k/v), what the weights' first two dims are (for messages),
-how a call's inputs meet each weight (`InputView`, for the calibrated fit), which bias belongs to a weight,
-and why a module of the kind cannot take a computed weight. `kind_of(module)` finds a module's entry; the
-first matching entry wins, so subclasses come before their bases.
+`kind_of(module)` finds a module's `LayerKind`: the first matching entry wins, so subclasses come before their bases.
 """
 
 from __future__ import annotations
@@ -41,11 +37,13 @@ class InputView:
 
 @dataclass(frozen=True)
 class LayerKind:
-    """One kind of layer: see the module docstring. `view` returns the InputView of (module, tensor, chunks),
-    or a string saying why the calibrated fit cannot read the inputs; `optional`: converted only with
-    KronConfig.embeddings; `reads_weight_often`: the forward reads a weight several times, so it is built once
-    per call; `ties_heads`: Linear output heads may hold the same weight (tied embeddings) and then share its
-    factors."""
+    """One kind of layer: which modules it covers (`matches`), which weights their forward reads and into how many
+    chunks dim 0 splits (`weights`: nn.MultiheadAttention's packed q/k/v), the names of the weights' first two dims
+    (`dims`, for messages), which bias belongs to a weight (`bias`) and why a module cannot take a computed weight
+    (`problem`). `view` says how a call's inputs meet a weight (module, tensor, chunks -> InputView), or why the
+    calibrated fit cannot read them (a string); `optional`: converted only with KronConfig.embeddings;
+    `reads_weight_often`: the forward reads a weight several times, so it is built once per call; `ties_heads`:
+    Linear output heads may hold the same weight (tied embeddings) and then share its factors."""
 
     name: str
     matches: Callable[[nn.Module], bool]
@@ -72,6 +70,7 @@ def _embedding_problem(module: nn.Embedding) -> str:
 
 
 _QKV = {"in_proj_weight": (0, 1, 2), "q_proj_weight": (0,), "k_proj_weight": (1,), "v_proj_weight": (2,)}
+_MHA_IN_DIMS = {"k_proj_weight": "kdim", "v_proj_weight": "vdim"}
 
 
 def _mha_weights(m: nn.MultiheadAttention) -> list[tuple[str, int]]:
@@ -80,8 +79,8 @@ def _mha_weights(m: nn.MultiheadAttention) -> list[tuple[str, int]]:
 
 def _mha_bias(m: nn.MultiheadAttention, tensor: str) -> Tensor | None:
     """The packed in_proj_bias, or its q/k/v slice for a separate projection weight."""
-    b, index = m._parameters.get("in_proj_bias"), {"q_proj_weight": 0, "k_proj_weight": 1, "v_proj_weight": 2}.get(tensor)
-    return b if b is None or index is None else b.data.chunk(3)[index]
+    b = m._parameters.get("in_proj_bias")
+    return b if b is None or tensor == "in_proj_weight" else b.data.chunk(3)[_QKV[tensor][0]]
 
 
 def _grouped(view: Callable[[nn.Module], InputView]) -> Callable[[nn.Module, str, int], InputView | str]:
@@ -97,7 +96,7 @@ KINDS: list[LayerKind] = [
               lambda m, tensor, chunks: "an embedding's inputs are token ids: it keeps the fit to its weights",
               problem=_embedding_problem, bias=lambda m, tensor: None, optional=True, ties_heads=True),
     LayerKind("attention", lambda m: isinstance(m, nn.MultiheadAttention), _mha_weights,
-              lambda m, tensor: ("embed_dim", {"k_proj_weight": "kdim", "v_proj_weight": "vdim"}.get(tensor, "embed_dim")),
+              lambda m, tensor: ("embed_dim", _MHA_IN_DIMS.get(tensor, "embed_dim")),
               lambda m, tensor, chunks: InputView("linear", _QKV[tensor]), bias=_mha_bias, reads_weight_often=True),
     LayerKind("conv_transpose", lambda m: isinstance(m, nn.modules.conv._ConvTransposeNd), _WEIGHT,
               lambda m, tensor: ("in_channels", "out_channels/groups"),

@@ -31,12 +31,9 @@ class KronAssignmentError(TypeError):
     """Raised for `layer.weight = nn.Parameter(W)` (or a buffer of that name) on a Kronecker-parametrized weight."""
 
 
-# ---- where a read comes from: no per-call hooks ----------------------------------------------------------
-# A read of a Kronecker weight is "inside a forward" when the reading frame is the forward of a converted
-# layer's class (or of a class in its MRO; registered by link_weight), or a `forward` called by nn.Module's
-# call machinery (another module's forward run by module(x), e.g. a parent reading its child's weight). Such
-# reads get the plain built tensor; every other read (hooks, init code, helpers) gets a LinkedWeight. Frames
-# are per thread, so this is thread-safe, and it costs nothing per call but the look at the caller's frame.
+# ---- where a read comes from: the reading frame (per thread), no per-call hooks ------------------------------
+# "Inside a forward": the frame is the forward of a converted layer's class (or of a class in its MRO; registered
+# by link_weight), or a `forward` called by nn.Module's call machinery (a parent reading its child's weight).
 _FORWARDS: set = set()  # code objects of the forwards of converted layers' classes (and nn.MultiheadAttention's)
 _CALLERS = {nn.Module._call_impl.__code__,
             *(c for c in nn.Module._call_impl.__code__.co_consts if isinstance(c, types.CodeType))}
@@ -139,9 +136,7 @@ def _read_once(owner: nn.Module, name: str, fget, frame) -> Tensor:
     plist = owner.parametrizations[name]
     key = (id(frame), torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
            *((t.data_ptr(), t._version) for t in plist._parameters.values()))
-    cache = _ONCE_CACHE.get(owner)
-    if cache is None:
-        cache = _ONCE_CACHE[owner] = {}
+    cache = _ONCE_CACHE.setdefault(owner, {})
     hit = cache.get(name)
     lasti = frame.f_lasti
     if hit is not None and hit[0] == key and lasti > hit[1]:
@@ -218,14 +213,12 @@ def link_weight(owner: nn.Module, name: str) -> None:
 
 
 def unlink(module: nn.Module) -> None:
-    """Drop what link_weight / build_once_per_call left on a layer made plain again: the per-call build cache
-    (nothing else: there are no hooks; the linked property lives on torch's parametrized class, which
-    remove_parametrizations deletes)."""
+    """Drop the per-call build cache of a layer made plain again (the linked property lives on torch's
+    parametrized class, which remove_parametrizations deletes; there are no hooks)."""
     _ONCE_CACHE.pop(module, None)
 
 
 def build_once_per_call(module: nn.Module) -> None:
     """Build `module`'s Kronecker weights once per call of its forward, which reads them several times
-    (nn.MultiheadAttention reads in_proj_weight three times): its forward's code is registered with the
-    readers whose repeated reads share one build (`_read_once`). No hook; nothing per call but the lookup."""
+    (nn.MultiheadAttention: in_proj_weight three times); its forward's code is registered (`_read_once`)."""
     _ONCE.update(_codes(type(module)))

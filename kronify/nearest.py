@@ -15,7 +15,7 @@ from torch import Tensor
 from kronify.algebra import LEARNED, resolve_algebra
 from kronify.kron import check_kron_dims
 
-__all__ = ["gram", "kronecker_fit", "kronecker_projection", "nearest_kronecker", "project_kronecker"]
+__all__ = ["gram", "kronecker_fit", "nearest_kronecker", "project_kronecker"]
 
 # A term whose singular value is below this fraction of the largest one counts as "empty":
 # its A factor gets a usable scale and its F factor carries the (tiny or zero) value, so the
@@ -110,8 +110,10 @@ def nearest_kronecker(W: Tensor, n: int, terms: int) -> tuple[Tensor, Tensor, fl
     return A, F, rel_error
 
 
-def kronecker_projection(W: Tensor, A: Tensor) -> tuple[Tensor, float, float]:
-    """`project_kronecker` plus ‖W‖²_F (float64): (F, rel_error, squared norm), one streaming pass over W."""
+def project_kronecker(W: Tensor, A: Tensor) -> tuple[Tensor, float, float]:
+    """Least-squares F for a fixed A (warm starts with a fixed algebra): argmin_F ‖W − Σ_t A_t ⊗ F_t‖_F, exact, in
+    float64, one streaming pass over W. Returns (F in W's dtype, rel_error = ‖W − Σ A_t⊗F_t‖_F / ‖W‖_F (0 for
+    W = 0), ‖W‖²_F)."""
     if A.dim() != 3 or A.shape[1] != A.shape[2]:
         raise ValueError(f"A must have shape (terms, n, n), got {tuple(A.shape)}")
     terms, n, _ = A.shape
@@ -130,14 +132,3 @@ def kronecker_projection(W: Tensor, A: Tensor) -> tuple[Tensor, float, float]:
         raise ValueError(f"project_kronecker: W of shape {tuple(W.shape)} has non-finite entries (inf or nan)")
     rel_error = math.sqrt(resid / total) if total > 0 else 0.0
     return F, rel_error, total
-
-
-def project_kronecker(W: Tensor, A: Tensor) -> tuple[Tensor, float]:
-    """Least-squares F for a fixed A: argmin_F ‖W − Σ_t A_t ⊗ F_t‖_F (exact projection, float64, streamed over
-    W in blocks like `kronecker_fit`).
-
-    Used for warm starts with a fixed algebra. Returns (F in W's dtype, rel_error) with rel_error the
-    relative Frobenius residual ‖W − Σ A_t⊗F_t‖_F / ‖W‖_F (0 for W = 0).
-    """
-    F, rel_error, _ = kronecker_projection(W, A)
-    return F, rel_error

@@ -1,23 +1,16 @@
 """The Kronecker parametrization: a weight tensor stored as factors, W = Σ_t A_t ⊗ F_t.
 
-`KronParametrization` is a `torch.nn.utils.parametrize` parametrization, so a converted layer keeps its
-class, its forward and its hooks; only the tensor it reads as `weight` (or `in_proj_weight`, ...) is
-computed from the factors. Factors are stored under torch's names:
+`KronParametrization` is a `torch.nn.utils.parametrize` parametrization: a converted layer keeps its class, forward
+and hooks, and only the tensor it reads as `weight` (or `in_proj_weight`, ...) is built from the factors, stored
+under torch's names: `parametrizations.<name>.original0` = A (terms, n, n) and `original1` = F for the learned
+algebra; `parametrizations.<name>.original` = F and the buffer `parametrizations.<name>.0.A` for a fixed one
+("complex", "quaternion").
 
-- learned algebra: `parametrizations.<name>.original0` = A (terms, n, n) and `original1` = F;
-- fixed algebra ("complex", "quaternion"): `parametrizations.<name>.original` = F and the buffer
-  `parametrizations.<name>.0.A`.
-
-F keeps the weight's rank, (chunks·terms·d0/n, d1/n, *kernel), so `Module.to(memory_format=...)` treats it
-like the dense weight (a Conv2d's F is 4-D and can be channels_last). The factorization runs over the
-weight's first two dims *as stored*: (out, in) for Linear/Conv, (in, out/groups) for ConvTranspose and
-(in, out) for transformers' Conv1D; a transposed Kronecker sum is a Kronecker sum, so the structure is
-the same. `chunks` splits dim 0 into equal blocks with factors of their own (the packed q/k/v projection
-of nn.MultiheadAttention: one Kronecker sum per projection).
-
-`layer.<name> = W` projects W onto the nearest Kronecker sum (`right_inverse`, float64 SVD). How the weight is
-read (plain inside a forward, a `LinkedWeight` outside it whose in-place edits are written back) is
-`kronify.linked_weight`.
+F keeps the weight's rank, (chunks·terms·d0/n, d1/n, *kernel), so `Module.to(memory_format=...)` treats it like the
+dense weight. The factorization runs over the weight's first two dims as stored ((in, out/groups) for
+ConvTranspose, (in, out) for transformers' Conv1D): a transposed Kronecker sum is one too. `chunks` splits dim 0
+into blocks with factors of their own (nn.MultiheadAttention's packed q/k/v). `layer.<name> = W` projects W onto
+the nearest Kronecker sum (`right_inverse`); how the weight is read is `kronify.linked_weight`.
 """
 
 from __future__ import annotations
@@ -32,7 +25,7 @@ from torch.nn.utils import parametrize
 from kronify.algebra import LEARNED, algebra_matrices, resolve_algebra
 from kronify.kron import _kron_weight, check_kron_dims
 from kronify.linked_weight import KronAssignmentError, LinkedWeight, link_weight, plain_reads
-from kronify.nearest import kronecker_fit, kronecker_projection
+from kronify.nearest import kronecker_fit, project_kronecker
 
 __all__ = ["KronAssignmentError", "KronParametrization", "LinkedWeight", "is_kron", "kron_param_count",
            "kron_parametrizations", "own_kron_parametrizations", "plain_reads", "share_parametrization"]
@@ -121,7 +114,7 @@ class KronParametrization(nn.Module):
                 a, f, err, s = kronecker_fit(w, self.n, self.terms)
                 As.append(a)
             else:
-                f, err, s = kronecker_projection(w, algebra_matrices(self.algebra, dtype=torch.float64))
+                f, err, s = project_kronecker(w, algebra_matrices(self.algebra, dtype=torch.float64))
             Fs.append(f.reshape(-1, *f.shape[2:]))
             sq.append(s)
             err2.append(err * err * s)
@@ -153,10 +146,6 @@ class KronParametrization(nn.Module):
             F.mul_(std / got if got > 0 else 0.0)
         self._cache = None
         self.fit_error = None
-
-    def build_flops(self) -> int:
-        """FLOPs of one build of W: 2·terms per entry (a multiply-add per term)."""
-        return 2 * self.terms * math.prod(self.shape)
 
     def config(self) -> dict:
         return {"n": self.n, "terms": self.terms, "algebra": self.algebra}

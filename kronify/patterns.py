@@ -60,7 +60,8 @@ def key_repr(key: PatternKey) -> str:
     return key.__name__ if isinstance(key, type) else repr(key)
 
 
-def normalize_overrides(overrides: Mapping[PatternKey, Mapping[str, Any] | None] | None) -> dict[PatternKey, dict | None]:
+def normalize_overrides(overrides: Mapping[PatternKey, Mapping[str, Any] | None] | None
+                        ) -> dict[PatternKey, dict | None]:
     """Validate overrides: {name | "re:regex" | module type: dict(n=, terms=, algebra=) or None}."""
     if overrides is None:
         return {}
@@ -68,20 +69,15 @@ def normalize_overrides(overrides: Mapping[PatternKey, Mapping[str, Any] | None]
         raise TypeError(f"overrides must be a dict, got {type(overrides).__name__}")
     out: dict[PatternKey, dict | None] = {}
     for key, value in overrides.items():
-        if isinstance(key, type):
-            if not issubclass(key, nn.Module):
-                raise TypeError(f"overrides: type key {key.__name__} is not an nn.Module subclass")
-        else:
+        if isinstance(key, type) and not issubclass(key, nn.Module):
+            raise TypeError(f"overrides: type key {key.__name__} is not an nn.Module subclass")
+        if not isinstance(key, type):
             _check_pattern(key, "overrides")
-        if value is None:
-            out[key] = None
-            continue
-        if not isinstance(value, Mapping):
+        if value is not None and not isinstance(value, Mapping):
             raise TypeError(f"overrides[{key_repr(key)}] must be a dict or None, got {type(value).__name__}")
-        unknown = sorted(set(value) - set(OVERRIDE_KEYS))
+        unknown = sorted(set(value or ()) - set(OVERRIDE_KEYS))
         if unknown:
-            raise ValueError(
-                f"overrides[{key_repr(key)}]: unknown key(s) {unknown}; valid keys are {list(OVERRIDE_KEYS)}"
-            )
-        out[key] = dict(value)
+            raise ValueError(f"overrides[{key_repr(key)}]: unknown key(s) {unknown}; "
+                             f"valid keys are {list(OVERRIDE_KEYS)}")
+        out[key] = None if value is None else dict(value)
     return out

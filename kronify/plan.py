@@ -179,13 +179,6 @@ class Plan:
     problem: bool = False  # skipped for a reason the user did not choose (strict fails on these)
 
 
-def _validate(settings: dict, where: str) -> int:
-    try:
-        return resolve_algebra(settings["algebra"], settings["n"], settings["terms"])
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
 def make_plans(model: nn.Module, config: KronConfig, selector: Selector,
                example_inputs: Any = None) -> tuple[list[Plan], Analysis]:
     """A Plan for every candidate layer of `model` under `config` (layers chosen by `selector`), and the
@@ -214,9 +207,11 @@ def make_plans(model: nn.Module, config: KronConfig, selector: Selector,
         if settings is None:
             row.reason = reason
             continue
-        row.n = settings["n"]
-        row.terms = _validate(settings, f"layer {c.name!r} (n={settings['n']}, terms={settings['terms']}, "
-                                        f"algebra={settings['algebra']!r})")
+        row.n, (terms, algebra) = settings["n"], (settings["terms"], settings["algebra"])
+        try:
+            row.terms = resolve_algebra(algebra, row.n, terms)
+        except ValueError as e:
+            raise ValueError(f"layer {c.name!r} (n={row.n}, terms={terms}, algebra={algebra!r}): {e}") from None
         for name, chunks in names:
             target, problem = target_for(m, name, chunks, settings["n"], owners)
             if target is None:

@@ -129,17 +129,7 @@ class ConversionReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (no tensors, no model)."""
-        rows = [{**asdict(r), "shape": list(r.shape)} for r in self.rows]
-        return {
-            "rows": rows,
-            "converted": self.converted,
-            "skipped": self.skipped,
-            "params_before": self.params_before,
-            "params_after": self.params_after,
-            "ratio": self.ratio,
-            "converted_ratio": self.converted_ratio,
-            "traced": self.traced,
-            "trace_error": self.trace_error,
-            "config": self.config.to_dict() if self.config is not None else None,
-            "budget": self.budget,
-        }
+        keys = ("converted", "skipped", "params_before", "params_after", "ratio", "converted_ratio", "traced",
+                "trace_error", "budget")
+        return {"rows": [{**asdict(r), "shape": list(r.shape)} for r in self.rows],
+                **{k: getattr(self, k) for k in keys}, "config": self.config.to_dict() if self.config else None}

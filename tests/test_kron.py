@@ -224,11 +224,12 @@ def test_nearest_kronecker_bad_inputs():
 def test_project_kronecker_is_least_squares_for_fixed_A():
     A = algebra_matrices("quaternion", dtype=torch.float64)
     F0 = torch.randn(4, 3, 2, 3, dtype=torch.float64)
-    F, err = project_kronecker(kron_weight(A, F0), A)
+    F, err, _ = project_kronecker(kron_weight(A, F0), A)
     assert err < 1e-12
     torch.testing.assert_close(F, F0)
     W = torch.randn(12, 8, 3, dtype=torch.float64)
-    F, err = project_kronecker(W, A)
+    F, err, sq_norm = project_kronecker(W, A)
+    assert sq_norm == pytest.approx(float(W.square().sum()), rel=1e-12)
     resid = W - kron_weight(A, F)
     assert err == pytest.approx(float(resid.norm() / W.norm()), rel=1e-10)
     # optimality: the residual is orthogonal to every A_t ⊗ G

@@ -73,7 +73,7 @@ def _candidates(W: Tensor, p: KronParametrization, C: Tensor, cfg: CalibrationCo
         A0, F0, _ = nearest_kronecker(W, n, r)
     else:
         A0 = algebra_matrices(p.algebra, dtype=torch.float64)
-        F0, _ = project_kronecker(W, A0)
+        F0 = project_kronecker(W, A0)[0]
     out = {"weight": (A0, F0)}
     if cfg.method == "weight":
         return out
