@@ -10,6 +10,10 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # With these settings glibc keeps freed memory instead of returning it to the OS and faulting it back in
 # on the next step: the models benchmark runs once with the default allocator and once with them.
 MALLOC_BIG := 1000000000
+# The speed-ratio benchmarks run under OpenMP's default wait policy, as torch runs for its users: passive waiting
+# wakes sleeping threads at every parallel op, which costs small ops most (docs/kronify.md, "OpenMP wait policy").
+# The layer benchmark runs once more under PASSIVE, as `make test` and `make demo` run.
+DEFAULT_OMP ?= env -u OMP_WAIT_POLICY
 
 .PHONY: venv demo test bench clean
 
@@ -25,11 +29,13 @@ test: venv
 	$(PY) -m pytest -q
 
 bench: venv
-	$(PY) -m benchmarks.layers
+	$(DEFAULT_OMP) $(PY) -m benchmarks.layers
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m benchmarks.layers --stem layers_omp_passive
 	$(PY) -m benchmarks.convert
 	$(PY) -m benchmarks.loader
-	$(PY) -m benchmarks.models
-	MALLOC_MMAP_THRESHOLD_=$(MALLOC_BIG) MALLOC_TRIM_THRESHOLD_=$(MALLOC_BIG) $(PY) -m benchmarks.models --stem models_malloc_tuned
+	$(DEFAULT_OMP) $(PY) -m benchmarks.models
+	$(DEFAULT_OMP) MALLOC_MMAP_THRESHOLD_=$(MALLOC_BIG) MALLOC_TRIM_THRESHOLD_=$(MALLOC_BIG) \
+		$(PY) -m benchmarks.models --stem models_malloc_tuned
 	$(PY) -m benchmarks.training
 	$(PY) -m benchmarks.calibration
 

@@ -33,11 +33,13 @@ def load_average() -> tuple[float, float, float] | None:
 
 
 def machine(**extra: Any) -> dict:
-    """What a result depends on (CPU, threads, versions, load at start), plus `extra` fields (which win)."""
+    """What a result depends on (CPU, threads, OpenMP wait policy, versions, load at start), plus `extra` fields
+    (which win)."""
     return {
         "cpu": cpu_name(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -70,6 +72,17 @@ def interleaved(
 def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     """Median over repeats of the ratio of same-repeat timings num/den: robust to load drift."""
     return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+def ratio_ci(times: dict[str, list[float]], num: str, den: str, level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of `ratio`'s median (order statistics of the same-repeat ratios, whose
+    count below the median is Binomial(repeats, 1/2); from 6 repeats on it covers `level`, below that it is the range):
+    whether a median above a target is more than noise."""
+    from scipy.stats import binom
+
+    r = sorted(a / b for a, b in zip(times[num], times[den]))
+    k = max(int(binom.ppf((1 - level) / 2, len(r), 0.5)), 1)  # P(count below ≤ k - 1) ≤ (1 - level) / 2
+    return r[k - 1], r[len(r) - k]
 
 
 def best_ratio(times: dict[str, list[float]], num: str, den: str) -> float:

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"n": 2, "warm_start": True},
         "threads": args.threads,
         "rows": rows,
-        "machine": machine(omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), transformers=transformers.__version__,
+        "machine": machine(transformers=transformers.__version__,
                            memory_gib=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                            load_after=round(os.getloadavg()[0], 2), load_before=round(load_before, 2),
                            torch_threads=torch.get_num_threads()),

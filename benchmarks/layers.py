@@ -192,8 +192,9 @@ def markdown(result: dict) -> str:
     lines = [
         "# Layer benchmark (CPU)",
         "",
-        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, torch threads: {m['torch_threads']}, "
-        f"Python {m['python']}; load average at start {fmt_load(m['load_average_at_start'])}, "
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']}, torch threads: "
+        f"{m['torch_threads']} (OpenMP wait policy {m.get('omp_wait_policy', 'default')}), Python {m['python']}; "
+        f"load average at start {fmt_load(m['load_average_at_start'])}, "
         f"at end {fmt_load(m.get('load_average_at_end'))} (other processes share the CPUs when it exceeds the threads).",
         f"Clock: {result['clock']}. Settings: n={result['n']}, terms=n, {MIN_REPEATS}–{result['repeats']} interleaved repeats per measurement "
         f"(column 'reps'; weight builds always {result['repeats']}), "
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cpu-time", action="store_true",
                         help="1 thread, timed by thread CPU time (robust when other processes load the machine)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--stem", default=None,
+                        help="result file names STEM.json and .md (default: layers, or layers_cputime with --cpu-time)")
     args = parser.parse_args(argv)
     global CLOCK
     if args.cpu_time:
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["summary"] = summarize(result["rows"])
     result["seconds"] = time.perf_counter() - t0
     result["machine"]["load_average_at_end"] = load_average()
-    write_results(args.out, "layers_cputime" if args.cpu_time else "layers", result, markdown(result))
+    write_results(args.out, args.stem or ("layers_cputime" if args.cpu_time else "layers"), result, markdown(result))
     return result
 
 

@@ -43,18 +43,14 @@ import time
 import warnings
 from pathlib import Path
 
-# Passive OpenMP waiting (as the Makefile sets): busy-waiting threads slow torch several-fold when the
-# cores are shared. It must be set before torch starts its thread pool, so before the torch import.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import kronify  # noqa: E402
-from kronify.parametrization import kron_parametrizations  # noqa: E402
-import zoo  # noqa: E402
-from benchmarks._common import (  # noqa: E402
-    RESULTS, best_ratio, interleaved, load_average, machine, median_ms, ratio, write_results,
+import kronify
+from kronify.parametrization import kron_parametrizations
+import zoo
+from benchmarks._common import (
+    RESULTS, best_ratio, interleaved, load_average, machine, median_ms, ratio, ratio_ci, write_results,
 )
 
 TARGETS = {"train_ratio": {"unet": 1.05, "swinmr": 1.05}, "merged_inference_ratio": 1.02,
@@ -174,6 +170,7 @@ def bench_case(name: str, size: int, batch: int, family: str, device: torch.devi
         "train_step_ms": median_ms(train),
         "train_ratio": ratio(train, "kron", "dense"),
         "train_ratio_best": best_ratio(train, "kron", "dense"),
+        "train_ratio_ci95": ratio_ci(train, "kron", "dense"),
         "train_ratio_control": ratio(train, "control", "dense"),
         "train_cpu_ratio": ratio(cpu, "kron", "dense"),
         "train_cpu_ratio_control": ratio(cpu, "control", "dense"),
@@ -222,7 +219,9 @@ def to_markdown(result: dict) -> str:
     lines = [
         "# Model benchmark: dense vs Kronecker (n = 2)",
         "",
-        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} ({m['torch_threads']} threads)"
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} ({m['torch_threads']} threads, "
+        f"OpenMP wait policy "
+        f"{m.get('omp_wait_policy', 'default')})"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
         + f"; malloc settings {m.get('malloc')}"
         + f"; load average at start {m.get('load_average_at_start')}, at end {m.get('load_average_at_end')}.",
@@ -235,12 +234,13 @@ def to_markdown(result: dict) -> str:
     ]
     mb = lambda b: b / 2**20  # noqa: E731
     for r in result["rows"]:
-        pk, pf = r["peak_step_bytes"], r["train_page_faults"]
+        pk, pf, (lo, hi) = r["peak_step_bytes"], r["train_page_faults"], r["train_ratio_ci95"]
         met = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in r["meets"].items())
         lines.append(
             f"| {r['model']} | {r['device']} | {r['size']}²×{r['batch']} | {r['params']['dense']:,} → "
             f"{r['params']['kron']:,} | {r['train_step_ms']['dense']:.1f} / {r['train_step_ms']['kron']:.1f} | "
-            f"{r['train_ratio']:.3f} ({r['train_ratio_best']:.3f}) | {r['train_ratio_control']:.3f} | "
+            f"{r['train_ratio']:.3f} ({r['train_ratio_best']:.3f}) [{lo:.3f}–{hi:.3f}] | "
+            f"{r['train_ratio_control']:.3f} | "
             f"{r['train_cpu_ratio']:.3f} ({r['train_cpu_ratio_control']:.3f}) | "
             f"{pf['dense']:,.0f} / {pf['kron']:,.0f} | {r['merged_inference_ratio']:.3f} "
             f"({r['merged_inference_ratio_best']:.3f}) | {r['inference_ratio_control']:.3f} | "
@@ -265,9 +265,11 @@ def to_markdown(result: dict) -> str:
         f"{TARGETS['param_optimizer_ratio']} of dense; peak training memory ≤ dense.",
         "Ratios: median over interleaved repeats of Kron / dense wall time of the same repeat; in brackets the "
         "ratio of the fastest runs, which other processes' load inflates least. Targets are judged on the median "
-        "wall-clock ratio. The CPU-time ratio (process user + system time, all threads) is the same median for "
-        "CPU time, which other processes' load does not inflate; page faults are the median minor faults of a "
-        "step (the C allocator faulting freed memory back in; its malloc settings are in the machine line).",
+        "wall-clock ratio; its 95% confidence interval (order statistics of the per-repeat ratios) says whether a "
+        "median above a target is more than noise. The CPU-time ratio (process user + system time, all threads) is "
+        "the same median for CPU time, which other processes' load does not inflate; page faults are the median "
+        "minor faults of a step (the C allocator faulting freed memory back in; its malloc settings are in the "
+        "machine line).",
         "A/A: the same median ratio for an exact copy of the dense model timed alongside (control / dense): how "
         "far from 1.000 the machine's noise alone puts two identical models, the yardstick for the other ratios. "
         "A merged model has the dense model's layer classes and weight layouts, so its ratio is an A/A comparison too.",
@@ -288,10 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="result file names (benchmarks/results/STEM.json and .md); e.g. a run under other "
                              "malloc settings (see the Makefile's bench target) keeps its own files")
     args = parser.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 12)
+    repeats = args.repeats or (3 if args.quick else 24)
     cases = [(c, torch.device("cpu")) for c in (QUICK_CASES if args.quick else CPU_CASES)]
     info = machine()
-    info["omp"] = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     info["malloc"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"} or "default"
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
