@@ -22,6 +22,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.nn.modules import module as _module
 from torch.nn.utils import parametrize
 
 __all__ = ["KronAssignmentError", "LinkedWeight", "build_once_per_call", "link_weight", "plain_reads", "unlink"]
@@ -147,14 +148,22 @@ def _read_once(owner: nn.Module, name: str, fget, frame) -> Tensor:
     return W
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether nn.Module's call would run hooks for any of `modules` (the test by which it takes its fast path)."""
+    g = _module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                                       or m._backward_pre_hooks for m in modules))
+
+
 def _built(fget, name: str):
-    """torch's getter, or, when the Kronecker parametrization is the only one on the tensor and parametrize.cached()
-    is off, that parametrization's forward called directly on the factors: the same tensor without the two
-    nn.Module calls between them, 40-60 µs a read when a big op has just evicted the interpreter's data from the
-    caches (5-10 µs when they are warm)."""
+    """torch's getter, or, when the Kronecker parametrization is the only one on the tensor, parametrize.cached()
+    is off and no module hook would run, that parametrization's forward called directly on the factors: the same
+    tensor without the two nn.Module calls between them, 40-60 µs a read when a big op has just evicted the
+    interpreter's data from the caches (5-10 µs when they are warm)."""
     def read(owner: nn.Module) -> Tensor:
         plist = owner._modules["parametrizations"]._modules[name]
-        if len(plist) != 1 or parametrize._cache_enabled:
+        if len(plist) != 1 or parametrize._cache_enabled or _hooked(plist, plist._modules["0"]):
             return fget(owner)
         return plist._modules["0"].forward(*plist._parameters.values())  # the factors, as torch registered them
 

@@ -127,6 +127,26 @@ def test_reads_take_the_factors_directly_and_equal_torchs_getter(monkeypatch, al
         torch.testing.assert_close(layer(torch.eye(8)).T - layer.bias[:, None], 2 * want)
 
 
+def test_hooks_on_the_parametrization_run_as_under_torchs_getter():
+    """A hook on the Kronecker parametrization (or a global module hook) makes reads go through nn.Module's call,
+    so the hook runs and its result is the weight, as with torch's own getter."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 6)
+    kronify.convert(nn.Sequential(layer))
+    x = torch.randn(3, 8)
+    handle = layer.parametrizations.weight[0].register_forward_hook(lambda m, args, W: torch.zeros_like(W))
+    torch.testing.assert_close(layer(x), layer.bias.expand(3, 6), rtol=0, atol=0)
+    handle.remove()
+    assert layer(x).sub(layer.bias).abs().max() > 0
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    try:
+        layer(x)
+    finally:
+        handle.remove()
+    assert seen == ["KronParametrization", "ParametrizationList", "ParametrizedLinear"]
+
+
 def test_a_parent_forward_reading_a_child_weight_gets_the_plain_tensor():
     class Tied(nn.Module):
         def __init__(self) -> None:
