@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scipy.stats import binom
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -69,18 +70,21 @@ def interleaved(
     return times
 
 
+def ratios(times: dict[str, list[float]], num: str, den: str) -> list[float]:
+    """The ratios of same-repeat timings num/den, sorted."""
+    return sorted(a / b for a, b in zip(times[num], times[den]))
+
+
 def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     """Median over repeats of the ratio of same-repeat timings num/den: robust to load drift."""
-    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+    return statistics.median(ratios(times, num, den))
 
 
 def ratio_ci(times: dict[str, list[float]], num: str, den: str, level: float = 0.95) -> tuple[float, float]:
     """Distribution-free confidence interval of `ratio`'s median (order statistics of the same-repeat ratios, whose
-    count below the median is Binomial(repeats, 1/2); from 6 repeats on it covers `level`, below that it is the range):
-    whether a median above a target is more than noise."""
-    from scipy.stats import binom
-
-    r = sorted(a / b for a, b in zip(times[num], times[den]))
+    count below the median is Binomial(repeats, 1/2); from 6 repeats on it covers `level`, below that it is the
+    range): whether a median above a target is more than noise."""
+    r = ratios(times, num, den)
     k = max(int(binom.ppf((1 - level) / 2, len(r), 0.5)), 1)  # P(count below ≤ k - 1) ≤ (1 - level) / 2
     return r[k - 1], r[len(r) - k]
 

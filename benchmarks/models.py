@@ -220,8 +220,7 @@ def to_markdown(result: dict) -> str:
         "# Model benchmark: dense vs Kronecker (n = 2)",
         "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} ({m['torch_threads']} threads, "
-        f"OpenMP wait policy "
-        f"{m.get('omp_wait_policy', 'default')})"
+        f"OpenMP wait policy {m.get('omp_wait_policy', 'default')})"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
         + f"; malloc settings {m.get('malloc')}"
         + f"; load average at start {m.get('load_average_at_start')}, at end {m.get('load_average_at_end')}.",
