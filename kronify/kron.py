@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from kronify.algebra import check_n
+from kronify.weight_memory import WeightMemory
 
 __all__ = ["check_kron_dims", "kron_weight"]
 
@@ -46,12 +47,13 @@ def kron_weight(A: Tensor, F: Tensor) -> Tensor:
 _FUNCTION_MIN_NUMEL = 1 << 19
 
 
-def _kron_weight(A: Tensor, F: Tensor) -> Tensor:
-    """kron_weight without argument checks (the layers' hot path; keeps jit.trace free of warnings)."""
+def _kron_weight(A: Tensor, F: Tensor, memory: WeightMemory | None = None) -> Tensor:
+    """kron_weight without argument checks (the layers' hot path; keeps jit.trace free of warnings); a large
+    weight is built in `memory` when nothing else holds it any more."""
     numel = A.shape[1] * A.shape[2] * (F.numel() // max(A.shape[0], 1))
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return _kron_weight_composite(A, F)  # tracers, compilers and torch.func transform the composite's ops
-    return _KronWeight.apply(A, F) if numel >= _FUNCTION_MIN_NUMEL else _kron_weight_composite(A, F)
+    return _KronWeight.apply(A, F, memory) if numel >= _FUNCTION_MIN_NUMEL else _kron_weight_composite(A, F)
 
 
 def _kron_weight_composite(A: Tensor, F: Tensor) -> Tensor:
@@ -73,13 +75,15 @@ def _sum_of_products(out: Tensor, products) -> Tensor:
     return out
 
 
-def _build_weight(A: Tensor, F: Tensor) -> Tensor:
-    """Σ_t A_t ⊗ F_t written into one new tensor: W viewed as (a, i, b, j·k) is Σ_t A[t,a,b]·F[t,i,j·k]."""
+def _build_weight(A: Tensor, F: Tensor, memory: WeightMemory | None = None) -> Tensor:
+    """Σ_t A_t ⊗ F_t written into one tensor (new, or `memory`'s): W viewed as (a, i, b, j·k) is
+    Σ_t A[t,a,b]·F[t,i,j·k]."""
     terms, n = A.shape[0], A.shape[1]
     p, q = F.shape[1], F.shape[2]
     Ft = F.reshape(terms, p, 1, -1)  # (t, i, 1, j·k), broadcast over a and b
     At = A.reshape(terms, n, 1, n, 1)
-    W = torch.empty(n, p, n, Ft.shape[-1], dtype=torch.promote_types(A.dtype, F.dtype), device=F.device)
+    shape, dtype = (n, p, n, Ft.shape[-1]), torch.promote_types(A.dtype, F.dtype)
+    W = torch.empty(shape, dtype=dtype, device=F.device) if memory is None else memory.empty(shape, dtype, F.device)
     return _sum_of_products(W, zip(At, Ft)).view(n * p, n * q, *F.shape[3:])
 
 
@@ -94,16 +98,16 @@ class _KronWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(A: Tensor, F: Tensor) -> Tensor:
-        return _build_weight(A, F)
+    def forward(A: Tensor, F: Tensor, memory: WeightMemory | None = None) -> Tensor:
+        return _build_weight(A, F, memory)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs)
-        ctx.save_for_forward(*inputs)
+        ctx.save_for_backward(*inputs[:2])
+        ctx.save_for_forward(*inputs[:2])
 
     @staticmethod
-    def jvp(ctx, dA: Tensor | None, dF: Tensor | None) -> Tensor:
+    def jvp(ctx, dA: Tensor | None, dF: Tensor | None, _memory=None) -> Tensor:
         """Forward-mode AD (torch.autograd.forward_ad; torch.func takes the composite):
         dW = Σ_t dA_t ⊗ F_t + A_t ⊗ dF_t (W is bilinear)."""
         A, F = ctx.saved_tensors
@@ -113,12 +117,12 @@ class _KronWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         A, F = ctx.saved_tensors
-        need_A, need_F = ctx.needs_input_grad
+        need_A, need_F = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite instead
             with torch.enable_grad():
                 inputs = [x for x, need in ((A, need_A), (F, need_F)) if need]
                 grads = iter(torch.autograd.grad(_kron_weight_composite(A, F), inputs, grad, create_graph=True))
-            return (next(grads) if need_A else None), (next(grads) if need_F else None)
+            return (next(grads) if need_A else None), (next(grads) if need_F else None), None
         terms, n, p = A.shape[0], A.shape[1], F.shape[1]
         dA = dF = None
         with torch.autocast(grad.device.type, enabled=False):
@@ -132,7 +136,7 @@ class _KronWeight(torch.autograd.Function):
                 Fp = F.to(G.dtype).reshape(terms, p, -1).permute(1, 2, 0)  # (i, j·k, t), a strided view
                 dA = torch.stack([torch.bmm(G[a], Fp).sum(0) for a in range(n)])  # (a, b, t)
                 dA = dA.permute(2, 0, 1).to(A.dtype)
-        return dA, dF
+        return dA, dF, None
 
 
 def check_kron_dims(rows: int, cols: int, n: int, what: str = "W") -> None:

@@ -26,6 +26,7 @@ from kronify.algebra import LEARNED, algebra_matrices, resolve_algebra
 from kronify.kron import _kron_weight, check_kron_dims
 from kronify.linked_weight import KronAssignmentError, LinkedWeight, link_weight, plain_reads
 from kronify.nearest import kronecker_fit, project_kronecker
+from kronify.weight_memory import WeightMemory
 
 __all__ = ["KronAssignmentError", "KronParametrization", "LinkedWeight", "is_kron", "kron_param_count",
            "kron_parametrizations", "own_kron_parametrizations", "plain_reads", "share_parametrization"]
@@ -60,6 +61,7 @@ class KronParametrization(nn.Module):
         self.fit_error: float | None = None  # relative Frobenius error of the last right_inverse
         self.param_order: list[str] = []  # the owner's parameter names before conversion (merge restores it)
         self._cache: tuple | None = None
+        self._memory = WeightMemory()  # CPU builds reuse it once the previous weight is gone
 
     @property
     def learned(self) -> bool:
@@ -70,7 +72,7 @@ class KronParametrization(nn.Module):
         A, F = factors if self.learned else (self.A, factors[0])
         if (self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
                 or torch.is_inference(F)):
-            return self.build(A, F)
+            return self.build(A, F, self._memory)
         key = (A.data_ptr(), F.data_ptr(), A._version, F._version, F.dtype, F.shape)
         if self._cache is not None and self._cache[0] == key and self._cache[2] == self._cache[1]._version:
             return self._cache[1]
@@ -79,8 +81,9 @@ class KronParametrization(nn.Module):
         self._cache = (key, W, W._version, A, F)  # A and F kept: their storage cannot be reused by others
         return W
 
-    def build(self, A: Tensor, F: Tensor) -> Tensor:
-        """Σ_t A_t ⊗ F_t per chunk, in F's dtype, accumulated in float32 for half/bfloat16 and under autocast."""
+    def build(self, A: Tensor, F: Tensor, memory: WeightMemory | None = None) -> Tensor:
+        """Σ_t A_t ⊗ F_t per chunk, in F's dtype, accumulated in float32 for half/bfloat16 and under autocast;
+        a large unchunked weight is built in `memory` when that is free (`kronify.kron.WeightMemory`)."""
         dtype = F.dtype
         autocast = F.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(F.device.type)
         with torch.autocast(F.device.type, enabled=False) if autocast else contextlib.nullcontext():
@@ -89,7 +92,7 @@ class KronParametrization(nn.Module):
             A = A.to(F.dtype)
             t, p = self.terms, F.shape[0] // (self.chunks * self.terms)
             if self.chunks == 1:  # reshapes only: their backward is a view (indexing chunk 0 would copy the grad)
-                W = _kron_weight(A.reshape(t, self.n, self.n), F.reshape(t, p, *F.shape[1:]))
+                W = _kron_weight(A.reshape(t, self.n, self.n), F.reshape(t, p, *F.shape[1:]), memory)
             else:
                 Fc = F.reshape(self.chunks, t, p, *F.shape[1:])
                 Ac = A.reshape(self.chunks, t, self.n, self.n)
@@ -151,18 +154,23 @@ class KronParametrization(nn.Module):
         return {"n": self.n, "terms": self.terms, "algebra": self.algebra}
 
     def clear_cache(self) -> None:
+        """Drop the eval-mode weight and the memory kept for training builds."""
         self._cache = None
+        self._memory.release()
 
     def train(self, mode: bool = True):
-        self._cache = None
+        self.clear_cache()
         return super().train(mode)
 
     def _apply(self, *args, **kwargs):
-        self._cache = None
+        self.clear_cache()
         return super()._apply(*args, **kwargs)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "_cache": None}
+
+    def __setstate__(self, state: dict) -> None:  # pickles made before `_memory` existed lack it
+        super().__setstate__({"_memory": WeightMemory(), **state})
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, n={self.n}, terms={self.terms}, algebra={self.algebra!r}, chunks={self.chunks}"
