@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from scipy.stats import binom
+from scipy.stats import binom, t
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -87,6 +88,21 @@ def ratio_ci(times: dict[str, list[float]], num: str, den: str, level: float = 0
     r = ratios(times, num, den)
     k = max(int(binom.ppf((1 - level) / 2, len(r), 0.5)), 1)  # P(count below ≤ k - 1) ≤ (1 - level) / 2
     return r[k - 1], r[len(r) - k]
+
+
+def replicate_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Geometric mean of per-process ratios and its Student-t confidence interval (on their logs).
+
+    A fresh process lands the allocator's heap, and so a run's page faults, somewhere new: steps within one process
+    share that state, processes do not. The processes are the independent replicates, so this, not an interval of
+    one process's steps, says whether a mean ratio above or below a target is more than noise. One value: no
+    interval (nan, nan)."""
+    logs = [math.log(v) for v in values]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), math.nan, math.nan
+    half = t.ppf((1 + level) / 2, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def best_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
