@@ -26,8 +26,8 @@ Measured:
 Targets (issue 19): train step ≤ 1.05 (U-Net and SwinMR; issue 4 allowed SwinMR 1.10); merged inference
 ≤ 1.02; parameter + optimizer bytes ≤ 0.52 of dense; peak training memory not above dense.
 
-CPU cases are sized to finish in about 25 minutes (six processes) on 2 cores: the fastMRI U-Net (chans 32) at 320×320,
-the demo SwinMR (embed 24) at 320×320, and the paper's SwinMR (embed 120, 36 Swin layers) at 64×64 only:
+CPU cases take about 30 minutes on 2 cores (six processes each): the fastMRI U-Net (chans 32) at 320×320, the
+demo SwinMR (embed 24) at 320×320, and the paper's SwinMR (embed 120, 36 Swin layers) at 64×64 only:
 one of its training steps takes seconds at 64×64 and minutes at 320×320 on 2 cores. The weight rebuild
 costs the same at any image size while the rest of a step grows with the pixels, so its ratio at 64×64
 is an upper bound for 320×320. With a GPU, the full-size presets at 320×320 run too.
