@@ -83,7 +83,7 @@ class KronParametrization(nn.Module):
 
     def build(self, A: Tensor, F: Tensor, memory: WeightMemory | None = None) -> Tensor:
         """Σ_t A_t ⊗ F_t per chunk, in F's dtype, accumulated in float32 for half/bfloat16 and under autocast;
-        a large unchunked weight is built in `memory` when that is free (`kronify.kron.WeightMemory`)."""
+        a large unchunked weight is built in `memory` when that is free (`kronify.weight_memory`)."""
         dtype = F.dtype
         autocast = F.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(F.device.type)
         with torch.autocast(F.device.type, enabled=False) if autocast else contextlib.nullcontext():
