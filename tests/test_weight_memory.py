@@ -116,3 +116,15 @@ def test_a_converted_layer_trains_exactly_as_without_reuse():
     assert memory._storage is not None  # it was used
     layer.eval()
     assert memory._storage is None  # train()/eval() and .to() let it go
+
+
+def test_a_pickled_parametrization_from_before_weight_memory_still_loads_and_builds():
+    """torch pickles parametrized modules only through state_dict, but a KronParametrization pickles on its own."""
+    layer = nn.Conv2d(256, 256, 3, padding=1)
+    kronify.convert(layer)
+    p = layer.parametrizations.weight[0]
+    A, F = (t.detach() for t in layer.parametrizations.weight.parameters())
+    del p.__dict__["_memory"]  # what an older kronify pickled
+    loaded = pickle.loads(pickle.dumps(p))
+    assert isinstance(loaded._memory, WeightMemory)
+    torch.testing.assert_close(loaded(A, F), p.build(A, F), rtol=0, atol=0)
