@@ -30,7 +30,7 @@ test: venv
 
 bench: venv
 	$(DEFAULT_OMP) $(PY) -m benchmarks.layers
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m benchmarks.layers --stem layers_omp_passive
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m benchmarks.layers --processes 3 --stem layers_omp_passive
 	$(PY) -m benchmarks.convert
 	$(PY) -m benchmarks.loader
 	$(DEFAULT_OMP) $(PY) -m benchmarks.models

@@ -7,8 +7,11 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +106,20 @@ def replicate_ci(values: list[float], level: float = 0.95) -> tuple[float, float
         return math.exp(mean), math.nan, math.nan
     half = t.ppf((1 + level) / 2, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def run_workers(module: str, args: Sequence[str], processes: int, later_args: Sequence[str] = ()) -> list[Any]:
+    """What each of `processes` fresh `python -m module *args --worker-out FILE` runs writes to FILE (JSON), run one
+    after another from the repo root (`later_args` added from the second on): processes as replicates, see
+    `replicate_ci`."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "worker.json"
+        for k in range(processes):
+            cmd = [sys.executable, "-m", module, *args, "--worker-out", str(out), *(later_args if k else ())]
+            subprocess.run(cmd, check=True, cwd=RESULTS.parent.parent)
+            results.append(json.loads(out.read_text()))
+    return results
 
 
 def best_ratio(times: dict[str, list[float]], num: str, den: str) -> float:

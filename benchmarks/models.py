@@ -41,8 +41,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -56,7 +54,7 @@ from kronify.parametrization import kron_parametrizations
 import zoo
 from benchmarks._common import (
     RESULTS, best_ratio, interleaved, load_average, machine, median_ms, ratio, ratio_ci, replicate_ci,
-    write_results,
+    run_workers, write_results,
 )
 
 TARGETS = {"train_ratio": {"unet": 1.05, "swinmr": 1.05}, "merged_inference_ratio": 1.02,
@@ -194,15 +192,8 @@ def bench_case(name: str, size: int, batch: int, family: str, device: torch.devi
 
 def in_processes(case: tuple, device: torch.device, repeats: int, processes: int) -> list[dict]:
     """`bench_case` rows from `processes` fresh Python processes, one after another (peak memory in the first)."""
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "row.json"
-        for k in range(processes):
-            cmd = [sys.executable, "-m", "benchmarks.models", "--worker", json.dumps([*case, device.type]),
-                   "--worker-out", str(out), "--repeats", str(repeats)] + (["--no-peak"] if k else [])
-            subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent.parent)
-            rows.append(json.loads(out.read_text()))
-    return rows
+    args = ["--worker", json.dumps([*case, device.type]), "--repeats", str(repeats)]
+    return run_workers("benchmarks.models", args, processes, later_args=["--no-peak"])
 
 
 # The ratios a case reports, each the geometric mean over processes of one process's median.
