@@ -81,7 +81,8 @@ def allocate(layers: list[LayerOptions], target: int, fixed: int) -> dict[str, t
     """{layer name: (n, terms)} ((None, None): dense) with the smallest total error such that fixed + Σ params
     lies within the tolerance below `target`: a multiple-choice knapsack solved by dynamic programming over the
     parameter counts, rounded up to `BUCKETS` steps (so every solution it finds fits), then a pass that spends
-    what the rounding left on the best single upgrades. Raises ValueError when the target lies outside the reachable range."""
+    what the rounding left on the best single upgrades. Raises ValueError when the target lies outside the reachable
+    range."""
     low = fixed + sum(min(o[0] for o in layer.options) for layer in layers)
     high = fixed + sum(layer.dense for layer in layers)
     if target < low * (1 - TOLERANCE) or target > high * (1 + TOLERANCE):

@@ -210,7 +210,8 @@ def match_checkpoint(model: nn.Module, checkpoint: Checkpoint, plans: list[Plan]
         names = aliases[id(slot.tensor)]
         slot.key = next((n for n in names if n in entries), None)
         if slot.key is None:
-            persistent = any(is_param or name not in m._non_persistent_buffers_set for m, name, is_param in slot.holders)
+            persistent = any(is_param or name not in m._non_persistent_buffers_set
+                             for m, name, is_param in slot.holders)
             if persistent:
                 missing.append(names[0])
             elif slot.tensor.is_meta:

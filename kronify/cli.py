@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--exclude", action="append", default=None, metavar="PATTERN", help="repeatable")
     rep.add_argument("--strict", action="store_true", help="fail if a selected layer cannot be converted")
     rep.add_argument("--input-size", type=int, nargs="+", default=None, metavar="D",
-                     help="input size without batch (e.g. 3 224 224) to count FLOPs; defaults to the model's known size")
+                     help="input size without batch (e.g. 3 224 224) to count FLOPs; defaults to the model's "
+                          "known size")
     rep.add_argument("--no-flops", action="store_true", help="do not count FLOPs")
     rep.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser

@@ -76,7 +76,8 @@ class KronConfig:
         if isinstance(self.calibration, dict):
             self.calibration = CalibrationConfig(**self.calibration)
         if self.calibration is not None and not isinstance(self.calibration, CalibrationConfig):
-            raise TypeError(f"KronConfig: calibration must be a CalibrationConfig, got {type(self.calibration).__name__}")
+            raise TypeError("KronConfig: calibration must be a CalibrationConfig, got "
+                            f"{type(self.calibration).__name__}")
         b = self.budget
         if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1):
             raise ValueError(f"budget must be a share of the parameters in (0, 1], got {b!r}")
