@@ -108,6 +108,19 @@ def replicate_ci(values: list[float], level: float = 0.95) -> tuple[float, float
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
+def replicated(rows: list[dict], keys: Sequence[str], with_ci: Sequence[str]) -> dict:
+    """Ratios over processes (one row each): for every key the processes' values (`<key>_per_process`) and their
+    geometric mean (`<key>`); for the keys in `with_ci` also a t-interval over processes (`<key>_ci95`; one process:
+    the interval its row carries, from its repeats)."""
+    out = {}
+    for key in keys:
+        out[f"{key}_per_process"] = [r[key] for r in rows]
+        out[key], lo, hi = replicate_ci(out[f"{key}_per_process"])
+        if key in with_ci:
+            out[f"{key}_ci95"] = (lo, hi) if len(rows) > 1 else tuple(rows[0].get(f"{key}_ci95", (lo, hi)))
+    return out
+
+
 def run_workers(module: str, args: Sequence[str], processes: int, later_args: Sequence[str] = ()) -> list[Any]:
     """What each of `processes` fresh `python -m module *args --worker-out FILE` runs writes to FILE (JSON), run one
     after another from the repo root (`later_args` added from the second on): processes as replicates, see

@@ -8,7 +8,7 @@ machine-load drift hits both equally, and a process's ratio is the median over r
 in K fresh processes one after another (default 6; --quick: 1): a shape's ratio is the geometric mean of its
 processes' ratios with a Student-t interval over processes (`benchmarks._common.replicate_ci`), since the C
 allocator's heap, and with it the timing of a layer's big buffers, differs from process to process and not within
-one. About 12 minutes on 2 cores.
+one. About 13 minutes on 2 cores with 6 processes.
 
 Measured per shape:
 - train step: forward + backward + Adam step (a converted nn.Conv2d / nn.Linear, its weight a KronParametrization,
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks._common import (
-    RESULTS, interleaved, load_average, machine, median_ms, ratio, ratio_ci, replicate_ci, run_workers, write_results,
+    RESULTS, interleaved, load_average, machine, median_ms, ratio, ratio_ci, replicated, run_workers, write_results,
 )
 import kronify
 from kronify import kron_weight
@@ -177,11 +177,7 @@ def combine(rows: list[dict]) -> dict:
     merged-inference ratios with a t-interval over processes (`replicate_ci`; one process: the order-statistic
     interval of its repeats); the ratio of the fastest runs in any process; times are the first process's."""
     row = dict(rows[0], processes=len(rows))
-    for key in PER_PROCESS:
-        row[f"{key}_per_process"] = [r[key] for r in rows]
-        row[key], lo, hi = replicate_ci(row[f"{key}_per_process"])
-        if key in ("train_ratio", "merged_inference_ratio"):
-            row[f"{key}_ci95"] = (lo, hi) if len(rows) > 1 else tuple(rows[0].get(f"{key}_ci95", (lo, hi)))
+    row.update(replicated(rows, PER_PROCESS, with_ci=("train_ratio", "merged_inference_ratio")))
     fastest = {k: min(r["train_min_ms"][k] for r in rows) for k in ("dense", "kron")}
     row["train_ratio_of_minima"] = fastest["kron"] / fastest["dense"]
     return row

@@ -53,7 +53,7 @@ import kronify
 from kronify.parametrization import kron_parametrizations
 import zoo
 from benchmarks._common import (
-    RESULTS, best_ratio, interleaved, load_average, machine, median_ms, ratio, ratio_ci, replicate_ci,
+    RESULTS, best_ratio, interleaved, load_average, machine, median_ms, ratio, ratio_ci, replicated,
     run_workers, write_results,
 )
 
@@ -207,11 +207,7 @@ def combine(rows: list[dict]) -> dict:
     interval of the train ratio); best ratios from the fastest run of each model in any process."""
     row = {k: rows[0][k] for k in ("model", "family", "size", "batch", "device", "params", "peak_step_bytes")}
     row["processes"] = len(rows)
-    for key in PER_PROCESS:
-        row[f"{key}_per_process"] = [r[key] for r in rows]
-        row[key], lo, hi = replicate_ci(row[f"{key}_per_process"])
-        if key in ("train_ratio", "merged_inference_ratio"):
-            row[f"{key}_ci95"] = (lo, hi) if len(rows) > 1 else rows[0].get(f"{key}_ci95", (lo, hi))
+    row.update(replicated(rows, PER_PROCESS, with_ci=("train_ratio", "merged_inference_ratio")))
     pooled = {k: {m: [t for r in rows for t in r["times"][k][m]] for m in rows[0]["times"][k]}
               for k in ("train", "infer")}
     row["train_ratio_best"] = best_ratio(pooled["train"], "kron", "dense")
