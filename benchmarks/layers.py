@@ -169,15 +169,18 @@ def run_grid(n: int, repeats: int, quick: bool, budget_s: float) -> list[dict]:
 
 
 # The ratios a shape reports, each the geometric mean over processes of one process's median.
-PER_PROCESS = ["train_ratio", "merged_inference_ratio", "kron_eval_ratio", "naive_over_kron_weight"]
+PER_PROCESS = ["train_ratio", "merged_inference_ratio", "kron_eval_ratio", "naive_over_kron_weight",
+               "weight_build_share_of_train"]
+MS = ["train_ms", "infer_ms", "weight_build_ms"]  # {layer or build: median ms} per process
 
 
 def combine(rows: list[dict]) -> dict:
     """One shape's result over its processes: each ratio the geometric mean of the processes' medians, the train and
     merged-inference ratios with a t-interval over processes (`replicate_ci`; one process: the order-statistic
-    interval of its repeats); the ratio of the fastest runs in any process; times are the first process's."""
+    interval of its repeats); the ratio of the fastest runs in any process; times the median of the processes'."""
     row = dict(rows[0], processes=len(rows))
     row.update(replicated(rows, PER_PROCESS, with_ci=("train_ratio", "merged_inference_ratio")))
+    row.update({key: {k: statistics.median(r[key][k] for r in rows) for k in rows[0][key]} for key in MS})
     fastest = {k: min(r["train_min_ms"][k] for r in rows) for k in ("dense", "kron")}
     row["train_ratio_of_minima"] = fastest["kron"] / fastest["dense"]
     return row
@@ -261,7 +264,7 @@ def markdown(result: dict) -> str:
         "repeats of Kron/dense timed back to back; the table gives the geometric mean over processes with a 95% "
         "Student-t interval over them (one process: order statistics of its repeats), since steps in one process "
         "share the C allocator's heap and processes do not. 'min ratio' = fastest Kron / fastest dense in any "
-        "process. Times (ms) are the first process's medians.",
+        "process. Times (ms) are the median over processes of each process's median.",
         *oversubscription_note(result),
         "",
         "| layer | C | px | B | reps | params kron/dense | train ms dense | train ms kron | train ratio [95% CI] "

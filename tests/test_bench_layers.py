@@ -17,7 +17,9 @@ def process_row(train: float, merged: float = 1.0, kind: str = "linear", channel
     """One process's row of one shape, as bench_shape returns it (only what combine and summarize read)."""
     return {"kind": kind, "channels": channels, "batch": 1, "train_ratio": train, "train_ratio_ci95": (0.5, 2.0),
             "merged_inference_ratio": merged, "merged_inference_ratio_ci95": (0.9, 1.1), "kron_eval_ratio": 1.0,
-            "naive_over_kron_weight": 3.0, "train_min_ms": {"dense": 2.0, "kron": 2.0 * train}}
+            "naive_over_kron_weight": 3.0, "weight_build_share_of_train": 0.1,
+            "train_min_ms": {"dense": 2.0, "kron": 2.0 * train}, "train_ms": {"dense": 3.0, "kron": 3.0 * train},
+            "infer_ms": {"dense": 1.0, "merged": 1.0, "kron_eval": 1.0}, "weight_build_ms": {"kron_weight": 0.5}}
 
 
 @settings(max_examples=40, deadline=None)
@@ -43,6 +45,11 @@ def test_fastest_runs_come_from_any_process():
     rows[0]["train_min_ms"] = {"dense": 1.8, "kron": 2.5}
     rows[1]["train_min_ms"] = {"dense": 2.0, "kron": 2.1}
     assert combine(rows)["train_ratio_of_minima"] == pytest.approx(2.1 / 1.8)
+
+
+def test_times_are_the_median_over_processes():
+    row = combine([process_row(v) for v in (1.1, 1.3, 1.2)])
+    assert row["train_ms"] == {"dense": 3.0, "kron": pytest.approx(3.6)}  # 3·1.2, the middle process
 
 
 def shape(values: list[float], channels: int) -> dict:
