@@ -15,6 +15,7 @@ import itertools
 import torch
 from torch import Tensor
 
+from kronify import cpu_kernel
 from kronify.algebra import check_n
 from kronify.weight_memory import WeightMemory
 
@@ -24,11 +25,13 @@ __all__ = ["check_kron_dims", "kron_weight"]
 def kron_weight(A: Tensor, F: Tensor) -> Tensor:
     """Dense weight Σ_t A_t ⊗ F_t from A (terms, n, n) and F (terms, p, q, *kernel); differentiable in A and F.
 
-    Large weights (≥ 2¹⁹ entries) are written straight into the torch.kron layout and differentiated
-    by a hand-written backward that reads the weight's gradient where it lies: one |W|-sized buffer
-    per call and no permuting copies (`_KronWeight`). Smaller weights, torch.jit.trace, torch.compile,
-    torch.func and double backward use a plain composite of torch ops (one matmul and one permuting copy), whose
-    lower per-call overhead wins for small weights and which tracers and compilers fuse themselves.
+    A CPU training build (float32/64, a factor requiring grad) runs kronify's fused kernel
+    (`kronify.cpu_kernel`): one pass to write W, one to read its gradient. Otherwise large weights (≥ 2¹⁹
+    entries) are written straight into the torch.kron layout and differentiated by a hand-written backward that
+    reads the weight's gradient where it lies: one |W|-sized buffer per call and no permuting copies
+    (`_KronWeight`). Smaller weights, torch.jit.trace, torch.compile, torch.func and double backward use a plain
+    composite of torch ops (one matmul and one permuting copy), whose lower per-call overhead wins for small
+    weights and which tracers and compilers fuse themselves.
     """
     if A.dim() != 3 or A.shape[1] != A.shape[2]:
         raise ValueError(f"A must have shape (terms, n, n), got {tuple(A.shape)}")
@@ -53,7 +56,22 @@ def _kron_weight(A: Tensor, F: Tensor, memory: WeightMemory | None = None) -> Te
     numel = A.shape[1] * A.shape[2] * (F.numel() // max(A.shape[0], 1))
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return _kron_weight_composite(A, F)  # tracers, compilers and torch.func transform the composite's ops
-    return _KronWeight.apply(A, F, memory) if numel >= _FUNCTION_MIN_NUMEL else _kron_weight_composite(A, F)
+    ops = _training_cpu_ops(A, F)
+    if ops is not None or numel >= _FUNCTION_MIN_NUMEL:
+        return _KronWeight.apply(A, F, memory, ops)
+    return _kron_weight_composite(A, F)
+
+
+def _training_cpu_ops(A: Tensor, F: Tensor):
+    """The fused CPU kernel when it serves this build: CPU float32/64 factors, one requiring grad, grad mode on
+    (a training step; inference and merge build once and never compile it). None otherwise or when unavailable."""
+    if (F.device.type != "cpu" or F.dtype not in _KERNEL_DTYPES or A.dtype != F.dtype
+            or not torch.is_grad_enabled() or not (A.requires_grad or F.requires_grad)):
+        return None
+    return cpu_kernel.ops()
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def _kron_weight_composite(A: Tensor, F: Tensor) -> Tensor:
@@ -94,20 +112,28 @@ class _KronWeight(torch.autograd.Function):
       dF[t] = Σ_{a,b} A[t, a, b] · G[a, :, b]   (n² broadcast multiply-adds into dF)
       dA[t, a, :] = Σ_i G[a, i] @ F[t, i]ᵀ      (one batched matmul over i per row block a)
     so the backward allocates only dF and dA, where the composite's autograd first copies G into
-    the permuted (a, b, i, j·k) order. The forward is `_build_weight`.
+    the permuted (a, b, i, j·k) order. The forward is `_build_weight`. With `ops` (the fused CPU kernel) both
+    directions are one pass over W or G each.
     """
 
     @staticmethod
-    def forward(A: Tensor, F: Tensor, memory: WeightMemory | None = None) -> Tensor:
-        return _build_weight(A, F, memory)
+    def forward(A: Tensor, F: Tensor, memory: WeightMemory | None = None, ops=None) -> Tensor:
+        if ops is None:
+            return _build_weight(A, F, memory)
+        terms, n, p = A.shape[0], A.shape[1], F.shape[1]
+        F3 = F.reshape(terms, p, -1).contiguous()
+        shape = (n, p, n, F3.shape[-1])
+        out = None if memory is None else memory.empty(shape, F.dtype, F.device)
+        return ops.kron_forward(A.contiguous(), F3, out).view(n * p, n * F.shape[2], *F.shape[3:])
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(*inputs[:2])
         ctx.save_for_forward(*inputs[:2])
+        ctx.ops = inputs[3] if len(inputs) > 3 else None
 
     @staticmethod
-    def jvp(ctx, dA: Tensor | None, dF: Tensor | None, _memory=None) -> Tensor:
+    def jvp(ctx, dA: Tensor | None, dF: Tensor | None, _memory=None, _ops=None) -> Tensor:
         """Forward-mode AD (torch.autograd.forward_ad; torch.func takes the composite):
         dW = Σ_t dA_t ⊗ F_t + A_t ⊗ dF_t (W is bilinear)."""
         A, F = ctx.saved_tensors
@@ -122,8 +148,12 @@ class _KronWeight(torch.autograd.Function):
             with torch.enable_grad():
                 inputs = [x for x, need in ((A, need_A), (F, need_F)) if need]
                 grads = iter(torch.autograd.grad(_kron_weight_composite(A, F), inputs, grad, create_graph=True))
-            return (next(grads) if need_A else None), (next(grads) if need_F else None), None
+            return (next(grads) if need_A else None), (next(grads) if need_F else None), None, None
         terms, n, p = A.shape[0], A.shape[1], F.shape[1]
+        if ctx.ops is not None:
+            G = grad.to(F.dtype).contiguous().view(n, p, n, -1)
+            dA, dF = ctx.ops.kron_backward(G, A.contiguous(), F.reshape(terms, p, -1).contiguous(), need_A, need_F)
+            return (dA if need_A else None), (dF.view(F.shape) if need_F else None), None, None
         dA = dF = None
         with torch.autocast(grad.device.type, enabled=False):
             G = grad.reshape(n, p, n, -1)  # (a, i, b, j·k); a view when grad is contiguous
@@ -136,7 +166,7 @@ class _KronWeight(torch.autograd.Function):
                 Fp = F.to(G.dtype).reshape(terms, p, -1).permute(1, 2, 0)  # (i, j·k, t), a strided view
                 dA = torch.stack([torch.bmm(G[a], Fp).sum(0) for a in range(n)])  # (a, b, t)
                 dA = dA.permute(2, 0, 1).to(A.dtype)
-        return dA, dF, None
+        return dA, dF, None, None
 
 
 def check_kron_dims(rows: int, cols: int, n: int, what: str = "W") -> None:

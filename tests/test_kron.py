@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import kronify
-from kronify import kron_weight, nearest_kronecker
+from kronify import cpu_kernel, kron_weight, nearest_kronecker
 from kronify.algebra import ALGEBRAS, algebra_matrices, resolve_algebra
 import kronify.kron as kron_module
 from kronify.kron import _kron_weight_composite, _KronWeight
@@ -62,7 +62,8 @@ def test_kron_weight_is_differentiable_twice(fn):
 
 
 @pytest.mark.parametrize("rows, path", [(1024, "_KronWeightBackward"), (64, "UnsafeViewBackward")])
-def test_kron_weight_takes_the_function_for_large_weights_only(rows, path):
+def test_kron_weight_takes_the_function_for_large_weights_only(monkeypatch, rows, path):
+    monkeypatch.setitem(cpu_kernel._loaded, "ops", None)  # the torch-ops routing, as without a C++ compiler
     A = torch.randn(2, 2, 2, requires_grad=True)
     F = torch.randn(2, rows // 2, rows // 2, requires_grad=True)  # W: rows × rows
     W = kron_weight(A, F)
@@ -93,6 +94,7 @@ def test_kron_weight_under_vmap_and_per_sample_gradients(monkeypatch, route):
     """torch.func transforms take the composite whatever the size (the Function runs outside them): vmap, and
     per-sample gradients and jacrev equal to plain backward passes, which take the composite or the Function."""
     monkeypatch.setattr(kron_module, "_FUNCTION_MIN_NUMEL", 0 if route == "function" else 1 << 20)
+    monkeypatch.setitem(cpu_kernel._loaded, "ops", None)  # the torch-ops routing, as without a C++ compiler
     A, Fs = torch.randn(2, 2, 2), torch.randn(3, 2, 4, 3, 3)  # 3 samples of F (terms 2, 4×3, kernel 3)
     batched = torch.func.vmap(kron_weight, in_dims=(None, 0))(A, Fs)
     torch.testing.assert_close(batched, torch.stack([kron_reference(A, F) for F in Fs]))
