@@ -12,12 +12,12 @@ one. About 13 minutes on 2 cores with 6 processes.
 
 Measured per shape:
 - train step: forward + backward + Adam step (a converted nn.Conv2d / nn.Linear, its weight a KronParametrization,
-  vs the dense layer);
+  vs the dense layer), and the converted layer's step with kronify's CPU kernel switched off (torch ops build W);
 - merged inference: the layer after `kronify.merge` vs the dense layer, eval mode under no_grad;
-- weight build (forward + backward of W): `kron_weight` vs a naive baseline written from the published
-  formula W = Σ_i A_i ⊗ F_i (broadcast outer product of every term, then a sum over terms), and its two
-  implementations on their own (the composite and the autograd.Function; `kron_weight` takes the Function
-  from 2¹⁹ weight entries on).
+- weight build (forward + backward of W): `kron_weight` (the CPU kernel when built) vs a naive baseline written
+  from the published formula W = Σ_i A_i ⊗ F_i (broadcast outer product of every term, then a sum over terms), and
+  its two torch-op implementations on their own (the composite and the autograd.Function, which `kron_weight` takes
+  without the kernel from 2¹⁹ weight entries on).
 Targets (issue 19, no per-call hooks): median train-step ratio ≤ 1.03 over the shapes, none above 1.15 (judged
 on the means; the summary also says whether every shape's interval is at or below 1.15);
 merged inference 1.00 (≤ 1.02: what an A/A comparison reads on a shared machine). Issue 2 had 1.05 / 1.3.
@@ -41,7 +41,7 @@ from benchmarks._common import (
     RESULTS, interleaved, load_average, machine, median_ms, ratio, ratio_ci, replicated, run_workers, write_results,
 )
 import kronify
-from kronify import kron_weight
+from kronify import cpu_kernel, kron_weight
 from kronify.kron import _kron_weight_composite, _KronWeight
 
 CLOCK = time.perf_counter  # wall clock; --cpu-time switches to the calling thread's CPU time
@@ -68,6 +68,16 @@ def train_step_fn(layer: nn.Module, x: Tensor, grad: Tensor) -> Callable[[], Non
         opt.step()
 
     return step
+
+
+def without_cpu_kernel(step: Callable[[], None]) -> Callable[[], None]:
+    """The step as it runs where kronify's CPU kernel cannot be built: torch ops build the weight."""
+
+    def run() -> None:
+        with cpu_kernel.disabled():
+            step()
+
+    return run
 
 
 def inference_fn(layer: nn.Module, x: Tensor) -> Callable[[], None]:
@@ -106,13 +116,14 @@ def bench_shape(kind: str, channels: int, size: int, batch: int, n: int, repeats
     A0, F0 = factors.original0, factors.original1.view(n, -1, factors.original1.shape[1], *factors.original1.shape[2:])
     grad = torch.randn_like(dense(x))
 
-    steps = {"dense": train_step_fn(dense, x, grad), "kron": train_step_fn(kron, x, grad)}
+    steps = {"dense": train_step_fn(dense, x, grad), "kron": train_step_fn(kron, x, grad),
+             "kron_torch_ops": without_cpu_kernel(train_step_fn(copy.deepcopy(kron), x, grad))}
     t0 = time.perf_counter()
     steps["dense"]()
     step_s = time.perf_counter() - t0
     # as many repeats as fit in budget_s, up to `repeats` (cheap shapes, whose ratios are the noisiest) and at
     # least MIN_REPEATS (expensive shapes), so the whole grid stays a few minutes
-    reps = max(MIN_REPEATS, min(repeats, int(budget_s / (2 * step_s))))
+    reps = max(MIN_REPEATS, min(repeats, int(budget_s / (len(steps) * step_s))))
     train = interleaved(steps, reps, clock=CLOCK)
     infer = interleaved(
         {
@@ -141,6 +152,7 @@ def bench_shape(kind: str, channels: int, size: int, batch: int, n: int, repeats
         "train_ms": median_ms(train),
         "train_ratio": ratio(train, "kron", "dense"),
         "train_ratio_ci95": ratio_ci(train, "kron", "dense"),
+        "train_ratio_torch_ops": ratio(train, "kron_torch_ops", "dense"),
         "train_min_ms": {k: min(v) * 1e3 for k, v in train.items()},
         "infer_ms": median_ms(infer),
         "merged_inference_ratio": ratio(infer, "merged", "dense"),
@@ -169,8 +181,8 @@ def run_grid(n: int, repeats: int, quick: bool, budget_s: float) -> list[dict]:
 
 
 # The ratios a shape reports, each the geometric mean over processes of one process's median.
-PER_PROCESS = ["train_ratio", "merged_inference_ratio", "kron_eval_ratio", "naive_over_kron_weight",
-               "weight_build_share_of_train"]
+PER_PROCESS = ["train_ratio", "train_ratio_torch_ops", "merged_inference_ratio", "kron_eval_ratio",
+               "naive_over_kron_weight", "weight_build_share_of_train"]
 MS = ["train_ms", "infer_ms", "weight_build_ms"]  # {layer or build: median ms} per process
 
 
@@ -207,6 +219,8 @@ def summarize(rows: list[dict]) -> dict:
         "median_kron_eval_ratio": statistics.median(r["kron_eval_ratio"] for r in rows),
         "median_naive_over_kron_weight": statistics.median(r["naive_over_kron_weight"] for r in rows),
         "median_train_ratio_of_minima": statistics.median(r["train_ratio_of_minima"] for r in rows),
+        "median_train_ratio_torch_ops": statistics.median(r["train_ratio_torch_ops"] for r in rows),
+        "max_train_ratio_torch_ops": max(r["train_ratio_torch_ops"] for r in rows),
     }
     for kind in sorted({r["kind"] for r in rows}):
         sub = [r["train_ratio"] for r in rows if r["kind"] == kind]
@@ -264,13 +278,16 @@ def markdown(result: dict) -> str:
         "repeats of Kron/dense timed back to back; the table gives the geometric mean over processes with a 95% "
         "Student-t interval over them (one process: order statistics of its repeats), since steps in one process "
         "share the C allocator's heap and processes do not. 'min ratio' = fastest Kron / fastest dense in any "
-        "process. Times (ms) are the median over processes of each process's median.",
+        "process. Times (ms) are the median over processes of each process's median. kronify's CPU kernel "
+        f"(`kronify.cpu_kernel`) was {'built' if result.get('cpu_kernel') else 'NOT built'}: 'train ratio, torch ops' "
+        "is the Kron layer's step with it switched off (as without a C++ compiler), timed in the same interleaving; "
+        "'W build ms' is `kron_weight` forward + backward (the kernel when built).",
         *oversubscription_note(result),
         "",
         "| layer | C | px | B | reps | params kron/dense | train ms dense | train ms kron | train ratio [95% CI] "
-        "| min ratio | merged infer ratio [95% CI] | kron eval ratio | W build ms | composite / Function W build ms "
-        "| naive W build ms | W build / train |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| min ratio | train ratio, torch ops | merged infer ratio [95% CI] | kron eval ratio | W build ms "
+        "| composite / Function W build ms | naive W build ms | W build / train |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         (lo, hi), (mlo, mhi), b = r["train_ratio_ci95"], r["merged_inference_ratio_ci95"], r["weight_build_ms"]
@@ -278,6 +295,7 @@ def markdown(result: dict) -> str:
             f"| {r['kind']} | {r['channels']} | {r['size']} | {r['batch']} | {r['repeats']} "
             f"| {r['params_kron']}/{r['params_dense']} | {r['train_ms']['dense']:.2f} | {r['train_ms']['kron']:.2f} "
             f"| {r['train_ratio']:.3f} [{lo:.3f}–{hi:.3f}] | {r['train_ratio_of_minima']:.3f} "
+            f"| {r['train_ratio_torch_ops']:.3f} "
             f"| {r['merged_inference_ratio']:.3f} [{mlo:.3f}–{mhi:.3f}] | {r['kron_eval_ratio']:.3f} "
             f"| {b['kron_weight']:.3f} | {b['composite']:.3f} / {b['function']:.3f} | {b['naive']:.3f} "
             f"| {r['weight_build_share_of_train']:.1%} |"
@@ -327,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         Path(args.worker_out).write_text(json.dumps(rows))
         return None
     info = machine()
+    kernel = cpu_kernel.ops() is not None  # built here once, so that the workers load it from torch's cache
     t0 = time.perf_counter()
     if processes == 1:
         runs = [run_grid(args.n, repeats, args.quick, SHAPE_BUDGET_S)]
@@ -341,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               f"kron-eval {row['kron_eval_ratio']:.3f}", flush=True)
     info["load_average_at_end"] = load_average()
     result = {"machine": info, "clock": "thread CPU time, 1 thread" if args.cpu_time else "wall clock", "n": args.n,
-              "repeats": repeats, "processes": processes, "quick": args.quick, "rows": rows,
+              "repeats": repeats, "processes": processes, "quick": args.quick, "cpu_kernel": kernel, "rows": rows,
               "summary": summarize(rows), "seconds": time.perf_counter() - t0}
     write_results(args.out, args.stem or ("layers_cputime" if args.cpu_time else "layers"), result, markdown(result))
     return result

@@ -9,7 +9,8 @@ entries on 2 CPU cores (docs/kronify.md, "The fused CPU kernel").
 It is compiled with torch's C++ extension tools the first time a CPU training step builds a weight: about 30 s
 once, then loaded from torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions).
 Inference, merge, conversion and GPU training never compile it. Without a C++ compiler or ninja, kronify warns
-once and uses the torch ops. Set KRONIFY_CPU_KERNEL=0 to never compile or use it.
+once and uses the torch ops. Set KRONIFY_CPU_KERNEL=0 to never compile or use it; `disabled()` switches it off
+for a block.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["ENV_VAR", "enabled", "ops"]
+__all__ = ["ENV_VAR", "disabled", "enabled", "ops"]
 
 ENV_VAR = "KRONIFY_CPU_KERNEL"
 SOURCE = Path(__file__).with_name("csrc") / "kron_cpu.cpp"
@@ -47,6 +48,21 @@ def ops() -> ModuleType | None:
             if "ops" not in _loaded:
                 _loaded["ops"] = _build() if enabled() else None
     return _loaded["ops"]
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Inside the block every build uses torch ops, as where the kernel cannot be built (for A/B timings and
+    debugging). Process-wide: other threads' builds are affected too."""
+    missing, kept = "ops" not in _loaded, _loaded.get("ops")
+    _loaded["ops"] = None
+    try:
+        yield
+    finally:
+        if missing:
+            _loaded.pop("ops", None)
+        else:
+            _loaded["ops"] = kept
 
 
 def _simd_flags() -> list[str]:

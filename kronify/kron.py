@@ -15,7 +15,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from kronify import cpu_kernel
+import kronify.cpu_kernel as cpu_kernel
 from kronify.algebra import check_n
 from kronify.weight_memory import WeightMemory
 

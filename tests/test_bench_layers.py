@@ -16,6 +16,7 @@ LIMIT = TARGETS["max_train_ratio"]
 def process_row(train: float, merged: float = 1.0, kind: str = "linear", channels: int = 512) -> dict:
     """One process's row of one shape, as bench_shape returns it (only what combine and summarize read)."""
     return {"kind": kind, "channels": channels, "batch": 1, "train_ratio": train, "train_ratio_ci95": (0.5, 2.0),
+            "train_ratio_torch_ops": 1.2 * train,
             "merged_inference_ratio": merged, "merged_inference_ratio_ci95": (0.9, 1.1), "kron_eval_ratio": 1.0,
             "naive_over_kron_weight": 3.0, "weight_build_share_of_train": 0.1,
             "train_min_ms": {"dense": 2.0, "kron": 2.0 * train}, "train_ms": {"dense": 3.0, "kron": 3.0 * train},

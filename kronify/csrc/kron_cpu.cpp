@@ -113,7 +113,8 @@ _Pragma("omp simd reduction(+ : acc)")
       }
     });
   });
-  return {need_A ? dA_parts.sum(0) : torch::Tensor(), dF};
+  torch::Tensor dA = !need_A ? torch::Tensor() : (blocks == 1 ? dA_parts.select(0, 0) : dA_parts.sum(0));
+  return {dA, dF};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
