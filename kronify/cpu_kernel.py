@@ -6,7 +6,8 @@ gradient), which dominate a small layer's step. The kernel in `csrc/kron_cpu.cpp
 its gradient in one pass: forward + backward of the build took 0.4-0.6 of the torch ops' time from 1 k to 2.4 M
 entries on 2 CPU cores (docs/kronify.md, "The fused CPU kernel").
 
-It is compiled with torch's C++ extension tools the first time a CPU training step builds a weight: about 30 s
+It serves weights of 2¹⁷ entries or more (`kronify.kron`; below that torch ops were as fast in a layer's step).
+It is compiled with torch's C++ extension tools the first time a CPU training step builds such a weight: about 30 s
 once, then loaded from torch's extension cache (`TORCH_EXTENSIONS_DIR`, by default ~/.cache/torch_extensions).
 Inference, merge, conversion and GPU training never compile it. Without a C++ compiler or ninja, kronify warns
 once and uses the torch ops. Set KRONIFY_CPU_KERNEL=0 to never compile or use it; `disabled()` switches it off

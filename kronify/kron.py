@@ -25,7 +25,7 @@ __all__ = ["check_kron_dims", "kron_weight"]
 def kron_weight(A: Tensor, F: Tensor) -> Tensor:
     """Dense weight Σ_t A_t ⊗ F_t from A (terms, n, n) and F (terms, p, q, *kernel); differentiable in A and F.
 
-    A CPU training build (float32/64, a factor requiring grad) runs kronify's fused kernel
+    A CPU training build (float32/64, a factor requiring grad, ≥ 2¹⁷ entries) runs kronify's fused kernel
     (`kronify.cpu_kernel`): one pass to write W, one to read its gradient. Otherwise large weights (≥ 2¹⁹
     entries) are written straight into the torch.kron layout and differentiated by a hand-written backward that
     reads the weight's gradient where it lies: one |W|-sized buffer per call and no permuting copies
@@ -48,6 +48,13 @@ def kron_weight(A: Tensor, F: Tensor) -> Tensor:
 # took 1.05-1.8x the composite's time, at 0.59 M 0.80-0.96x and at 2.4 M 0.66-0.76x; a conv 256 (0.59 M) train step
 # was 6.6 % (batch 1) and 2.3 % (batch 8) faster with it (A/B of both thresholds, interleaved in one process).
 _FUNCTION_MIN_NUMEL = 1 << 19
+# From this many entries on, a CPU training build takes the fused kernel (`kronify.cpu_kernel`). Below it the
+# kernel builds faster alone under OMP_WAIT_POLICY=PASSIVE (0.3-0.6x the composite's time) but not under the default
+# policy (1.07-1.12x from 1 k to 37 k entries), and in a layer's step it was slower up to 65 k entries (linear 64:
+# 1.143 against 1.084 of dense, 301 interleaved steps): with no parallel op in the build, torch's OpenMP threads
+# fall asleep and the next matmul waits for them. From 147 k entries on the step was as fast or faster
+# (benchmarks/results/layers.md, "train ratio, torch ops").
+_KERNEL_MIN_NUMEL = 1 << 17
 
 
 def _kron_weight(A: Tensor, F: Tensor, memory: WeightMemory | None = None) -> Tensor:
@@ -56,7 +63,7 @@ def _kron_weight(A: Tensor, F: Tensor, memory: WeightMemory | None = None) -> Te
     numel = A.shape[1] * A.shape[2] * (F.numel() // max(A.shape[0], 1))
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return _kron_weight_composite(A, F)  # tracers, compilers and torch.func transform the composite's ops
-    ops = _training_cpu_ops(A, F)
+    ops = _training_cpu_ops(A, F) if numel >= _KERNEL_MIN_NUMEL else None
     if ops is not None or numel >= _FUNCTION_MIN_NUMEL:
         return _KronWeight.apply(A, F, memory, ops)
     return _kron_weight_composite(A, F)

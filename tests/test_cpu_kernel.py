@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import kronify
+import kronify.kron as kron_module
 from kronify import cpu_kernel
 from kronify.kron import _kron_weight, _kron_weight_composite
 from kronify.weight_memory import WeightMemory
@@ -30,6 +31,12 @@ def ops():
             pytest.fail("a C++ compiler is on PATH but kronify's CPU kernel did not build (see the warning)")
         pytest.skip("no C++ compiler or KRONIFY_CPU_KERNEL=0")
     return built
+
+
+@pytest.fixture(autouse=True)
+def kernel_at_every_size(monkeypatch):
+    """The kernel for small weights too (kronify takes it from 2¹⁷ entries on), so that shapes stay cheap."""
+    monkeypatch.setattr(kron_module, "_KERNEL_MIN_NUMEL", 0)
 
 
 def factors(terms, n, p, q, kernel, dtype, requires_grad=True):
@@ -92,7 +99,8 @@ def test_kernel_writes_into_free_weight_memory(ops):
 
 
 def test_kernel_builds_only_for_training(ops, monkeypatch):
-    """No-grad builds (inference, merge) and GPU-less dtypes never touch the kernel, so they never compile it."""
+    """No-grad builds (inference, merge), low precision and small weights never touch the kernel, so they never
+    compile it."""
     calls = []
     monkeypatch.setitem(cpu_kernel._loaded, "ops", None)
     monkeypatch.setattr(cpu_kernel, "ops", lambda: calls.append(1))
@@ -101,7 +109,10 @@ def test_kernel_builds_only_for_training(ops, monkeypatch):
         _kron_weight(A, F)
     _kron_weight(A.detach(), F.detach())
     _kron_weight(A.bfloat16(), F.bfloat16())  # the layers upcast low precision before building
+    monkeypatch.setattr(kron_module, "_KERNEL_MIN_NUMEL", 257)
+    _kron_weight(A, F)  # 256 entries: torch ops
     assert calls == []
+    monkeypatch.setattr(kron_module, "_KERNEL_MIN_NUMEL", 256)
     _kron_weight(A, F)
     assert calls == [1]
 
@@ -152,3 +163,15 @@ def test_a_failed_build_warns_once_and_training_uses_torch_ops(monkeypatch):
     torch.testing.assert_close(W2, W)
     W.sum().backward()
     assert A.grad is not None and F.grad is not None
+
+
+def test_kronify_routes_large_training_builds_to_the_kernel(ops, monkeypatch):
+    """By default (threshold 2¹⁷ entries) a 512×512 linear's training build takes the kernel and a 256×256 one not."""
+    monkeypatch.undo()  # kronify's own threshold
+    calls = []
+    monkeypatch.setattr(cpu_kernel, "ops", lambda: calls.append(1) or ops)
+    for width, used in ((256, []), (512, [1])):
+        layer = nn.Linear(width, width)
+        kronify.convert(nn.Sequential(layer), n=2)
+        layer(torch.randn(3, width)).sum().backward()
+        assert calls == used
