@@ -3,8 +3,8 @@
 Training on CPU rebuilds every Kronecker weight W = Σ_t A_t ⊗ F_t at each step, forward and backward. Built from
 torch ops, that is several passes over |W|-sized buffers (a matmul, a permuting copy, and the same again for the
 gradient), which dominate a small layer's step. The kernel in `csrc/kron_cpu.cpp` writes W in one pass and reads
-its gradient in one pass: forward + backward of the build took 0.4-0.6 of the torch ops' time from 1 k to 2.4 M
-entries on 2 CPU cores (docs/kronify.md, "The fused CPU kernel").
+its gradient in one pass: forward + backward of the build took 0.61-0.92x the torch ops' time in the layer
+benchmark, at every shape that takes it, on 2 CPU cores (docs/kronify.md, "The fused CPU kernel").
 
 It serves weights of 2¹⁷ entries or more (`kronify.kron`; below that torch ops were as fast in a layer's step).
 It is compiled with torch's C++ extension tools the first time a CPU training step builds such a weight: about 30 s

@@ -42,8 +42,9 @@ def kron_weight(A: Tensor, F: Tensor) -> Tensor:
     return _kron_weight(A, F)
 
 
-# From this many dense-weight entries on, `kron_weight` takes `_KronWeight` (fewer passes over memory); below it
-# the composite (its backward runs in C++, with less per-call overhead). Forward + backward on 2 CPU cores
+# Without the CPU kernel, from this many dense-weight entries on, `kron_weight` takes `_KronWeight` (fewer passes
+# over memory); below it the composite (its backward runs in C++, with less per-call overhead). Forward + backward
+# on 2 CPU cores
 # (benchmarks/layers.py, "composite / Function W build ms", four runs): at 0.15 M and 0.26 M entries the Function
 # took 1.05-1.8x the composite's time, at 0.59 M 0.80-0.96x and at 2.4 M 0.66-0.76x; a conv 256 (0.59 M) train step
 # was 6.6 % (batch 1) and 2.3 % (batch 8) faster with it (A/B of both thresholds, interleaved in one process).
@@ -55,6 +56,7 @@ _FUNCTION_MIN_NUMEL = 1 << 19
 # fall asleep and the next matmul waits for them. From 147 k entries on the step was as fast or faster
 # (benchmarks/results/layers.md, "train ratio, torch ops").
 _KERNEL_MIN_NUMEL = 1 << 17
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def _kron_weight(A: Tensor, F: Tensor, memory: WeightMemory | None = None) -> Tensor:
@@ -76,9 +78,6 @@ def _training_cpu_ops(A: Tensor, F: Tensor):
             or not torch.is_grad_enabled() or not (A.requires_grad or F.requires_grad)):
         return None
     return cpu_kernel.ops()
-
-
-_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def _kron_weight_composite(A: Tensor, F: Tensor) -> Tensor:
