@@ -175,3 +175,14 @@ def test_kronify_routes_large_training_builds_to_the_kernel(ops, monkeypatch):
         kronify.convert(nn.Sequential(layer), n=2)
         layer(torch.randn(3, width)).sum().backward()
         assert calls == used
+
+
+def test_kernel_rejects_bad_factors_by_name(ops):
+    """The compiled ops check what they read: no term, a dtype mismatch, a wrong out buffer."""
+    A, F = torch.randn(0, 2, 2), torch.randn(0, 3, 3)
+    with pytest.raises(RuntimeError, match="at least one term"):
+        ops.kron_forward(A, F, None)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        ops.kron_forward(torch.randn(1, 2, 2), torch.randn(1, 3, 3, dtype=torch.float64), None)
+    with pytest.raises(RuntimeError, match="out must be"):
+        ops.kron_forward(torch.randn(1, 2, 2), torch.randn(1, 3, 3), torch.empty(5))

@@ -24,6 +24,7 @@ void check_factors(const torch::Tensor& A, const torch::Tensor& F) {
   TORCH_CHECK(A.device().is_cpu() && F.device().is_cpu(), "kron_cpu: A and F must be CPU tensors");
   TORCH_CHECK(A.dim() == 3 && A.size(1) == A.size(2), "kron_cpu: A must be (terms, n, n), got ", A.sizes());
   TORCH_CHECK(F.dim() == 3 && F.size(0) == A.size(0), "kron_cpu: F must be (terms, p, Q), got ", F.sizes());
+  TORCH_CHECK(A.size(0) >= 1, "kron_cpu: at least one term is needed (the forward starts from term 0)");
   TORCH_CHECK(A.scalar_type() == F.scalar_type(), "kron_cpu: A and F must share a dtype");
   TORCH_CHECK(A.is_contiguous() && F.is_contiguous(), "kron_cpu: A and F must be contiguous");
 }
